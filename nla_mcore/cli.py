@@ -1,9 +1,11 @@
-"""`nla-mcore <verb> [--config FILE.yaml] [key=value ...]`: one CLI for every stage.
+"""`nla-mcore <verb> ...`: one CLI for every stage.
 
-Each verb has one config schema (a dataclass of the config tree, see `nla_mcore.config`); the
-CLI validates the config *before* launching ranks, so a typo fails in a second with the key
-named, then hands the same arguments to the rank program (through torchrun when several local
-ranks are asked for).  `nla-mcore <verb> --help` lists every key with its default and doc.
+Config verbs take `[--config FILE.yaml] [key=value ...]` (one schema each, from the config tree,
+see `nla_mcore.config`); the CLI validates the config *before* launching ranks, so a typo fails
+in a second with the key named, then hands the same arguments to the rank program (through
+torchrun when several local ranks are asked for).  `nla-mcore <verb> --help` lists every key.
+
+`convert` takes flags (`--hf/--ckpt/--out/--tp/--pp`), as checkpoint tools conventionally do.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class Verb:
-    """A CLI verb: its rank program (a module with `main(argv)`) and its config schema."""
+class ConfigVerb:
+    """A verb whose rank program (`module.main(argv)`) reads a config schema."""
 
     module: str
     schema: Callable[[], type]
@@ -30,8 +32,8 @@ def _quickstart_schema():
     return QuickstartConfig
 
 
-VERBS: dict[str, Verb] = {
-    "quickstart": Verb(
+CONFIG_VERBS: dict[str, ConfigVerb] = {
+    "quickstart": ConfigVerb(
         module="nla_mcore.quickstart",
         schema=_quickstart_schema,
         summary="train a toy model for a few steps on CPU ranks (the whole stack, no downloads)",
@@ -39,39 +41,64 @@ VERBS: dict[str, Verb] = {
     ),
 }
 
+CONVERT_SUMMARY = "convert checkpoints: hf-to-mcore (HF -> dist-checkpoint), mcore-to-hf (export)"
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="nla-mcore",
-        description="Train Natural Language Autoencoders (AV + AR) on Megatron-Core.",
+        prog="nla-mcore", description="Train Natural Language Autoencoders (AV + AR) on Megatron-Core."
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="verb")
-    for name, verb in VERBS.items():
+    for name, verb in CONFIG_VERBS.items():
         p = sub.add_parser(name, help=verb.summary, description=verb.summary, add_help=False)
         p.add_argument("-h", "--help", action="store_true", help="list the config keys")
         p.add_argument("--config", help="YAML config file (overridden by key=value arguments)")
         p.add_argument("overrides", nargs="*", metavar="key=value")
+    convert = sub.add_parser("convert", help=CONVERT_SUMMARY, description=CONVERT_SUMMARY)
+    convert.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"])
+    convert.add_argument("args", nargs=argparse.REMAINDER, help="see `convert <direction> --help`")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run_config_verb(name: str, args) -> int:
     from nla_mcore.config import ConfigError, help_text, load_config
     from nla_mcore.launchers.local import launch
 
-    args = _parser().parse_args(argv)
-    verb = VERBS[args.verb]
+    verb = CONFIG_VERBS[name]
     schema = verb.schema()
     if args.help:
-        print(f"nla-mcore {args.verb}: {verb.summary}\n\nconfig keys (set with key=value):")
+        print(f"nla-mcore {name}: {verb.summary}\n\nconfig keys (set with key=value):")
         print(help_text(schema))
         return 0
     try:
         cfg = load_config(schema, args.config, args.overrides)
     except (ConfigError, ValueError) as err:
-        print(f"nla-mcore {args.verb}: invalid config: {err}", file=sys.stderr)
+        print(f"nla-mcore {name}: invalid config: {err}", file=sys.stderr)
         return 2
     rank_args = (["--config", args.config] if args.config else []) + list(args.overrides)
     return launch(verb.module, verb.nproc(cfg), rank_args)
+
+
+def _run_convert(args) -> int:
+    from nla_mcore.launchers.local import launch
+
+    if args.direction == "mcore-to-hf":
+        from nla_mcore.converters.mcore_to_hf import main as export_main
+
+        export_main(args.args)
+        return 0
+    sizes = argparse.ArgumentParser(add_help=False)
+    sizes.add_argument("--tp", type=int, default=1)
+    sizes.add_argument("--pp", type=int, default=1)
+    known, _ = sizes.parse_known_args(args.args)
+    return launch("nla_mcore.converters.hf_to_mcore", known.tp * known.pp, list(args.args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.verb == "convert":
+        return _run_convert(args)
+    return _run_config_verb(args.verb, args)
 
 
 if __name__ == "__main__":

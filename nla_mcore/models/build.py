@@ -70,7 +70,9 @@ def make_recipe(
     )
 
 
-def transformer_config(recipe: ModelRecipe, *, use_cpu_initialization: bool) -> TransformerConfig:
+def transformer_config(
+    recipe: ModelRecipe, *, use_cpu_initialization: bool, perform_initialization: bool = True
+) -> TransformerConfig:
     """The Megatron-Core `TransformerConfig` for `recipe`."""
     hf, fam, par = recipe.hf, recipe.family, recipe.parallel
     window = {}
@@ -116,6 +118,7 @@ def transformer_config(recipe: ModelRecipe, *, use_cpu_initialization: bool) -> 
         bias_activation_fusion=fuse and fam.activation == "silu",
         bias_dropout_fusion=fuse,
         use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=perform_initialization,
         **window,
     )
 
@@ -126,8 +129,11 @@ def build_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     use_cpu_initialization: bool | None = None,
+    perform_initialization: bool = True,
 ) -> NLAGPTModel:
-    """This rank's pipeline stage of the model (parallel groups must exist), on its device."""
+    """This rank's pipeline stage of the model (parallel groups must exist), on its device.
+
+    `perform_initialization=False` skips random init (weights are about to be loaded)."""
     from megatron.core import parallel_state
 
     if pre_process is None:
@@ -137,7 +143,11 @@ def build_model(
     if use_cpu_initialization is None:
         use_cpu_initialization = not torch.cuda.is_available()
     hf, fam = recipe.hf, recipe.family
-    config = transformer_config(recipe, use_cpu_initialization=use_cpu_initialization)
+    config = transformer_config(
+        recipe,
+        use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=perform_initialization,
+    )
     spec = block_spec(
         config,
         recipe.backend,

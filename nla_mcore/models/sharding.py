@@ -1,8 +1,10 @@
 """How a full (TP=1, PP=1) Megatron-Core tensor maps onto this rank's parameter, and back.
 
-Megatron-Core marks tensor-parallel parameters with `partition_dim` (0 for column-parallel
-linears, QKV and the vocab; 1 for row-parallel linears).  A plain contiguous split along that
-dim is right for everything in our models but the gated MLP's `linear_fc1`, whose rows are
+The tensor-parallel dim of a parameter follows from the module that owns it: 0 for the vocab
+embedding and column-parallel linears (QKV, fc1, output layer; weights and biases), 1 for
+row-parallel linear weights, none for norms and row-parallel biases.  (Megatron-Core's
+`partition_dim` attribute is not set on weights built with `perform_initialization=False`, as
+converters build them, so it is not relied on.)  A plain contiguous split along that dim is right for everything in our models but the gated MLP's `linear_fc1`, whose rows are
 `[gate; up]`: each rank holds `[gate_r; up_r]`, so gate and up are split separately.  (The
 fused QKV is grouped per query group, and whole groups go to each rank, so a contiguous split
 is exact when `num_query_groups % tp == 0`, which `runtime.parallel.validate_layout` enforces.)
@@ -23,10 +25,21 @@ TIED_OUTPUT = "output_layer.weight"
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 
 
-def partition_dim(param: torch.Tensor) -> int | None:
-    """The dim `param` is split along across TP ranks, or None if it is replicated."""
-    if getattr(param, "tensor_model_parallel", False):
-        return int(param.partition_dim)
+def partition_dim(model: torch.nn.Module, name: str) -> int | None:
+    """The dim parameter `name` of `model` is split along across TP ranks (None: replicated)."""
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+    )
+
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    mode = getattr(module, "parallel_mode", None)  # Transformer Engine linears
+    if isinstance(module, (VocabParallelEmbedding, ColumnParallelLinear)) or mode == "column":
+        return 0 if attr in ("weight", "bias") else None
+    if isinstance(module, RowParallelLinear) or mode == "row":
+        return 1 if attr == "weight" else None
     return None
 
 
@@ -88,7 +101,7 @@ def load_full_state_dict(
             raise KeyError(f"parameter '{name}' (full name '{source}') missing from the state dict")
         piece = shard_for_rank(
             full[source],
-            dim=partition_dim(param),
+            dim=partition_dim(model, name),
             gated=is_gated_fc1(name),
             tp_rank=tp_rank,
             tp_size=tp_size,
@@ -108,11 +121,10 @@ def gather_full_tensors(
     layer_offset: int,
 ) -> dict[str, torch.Tensor]:
     """All-gather TP slices of per-parameter tensors (e.g. gradients) into full-named tensors."""
-    params = dict(model.named_parameters())
     tp_size = torch.distributed.get_world_size(tp_group)
     out = {}
     for name, tensor in local.items():
-        dim = partition_dim(params[name])
+        dim = partition_dim(model, name)
         if dim is None or tp_size == 1:
             full = tensor
         else:

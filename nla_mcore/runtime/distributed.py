@@ -130,3 +130,22 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def raise_on_any_rank(error: str | None, what: str) -> None:
+    """Agree across all ranks on whether any failed; if one did, raise on every rank.
+
+    Call it where ranks might fail independently (bad input on one pipeline stage): instead of
+    one rank raising while the others wait in the next collective until a timeout, every rank
+    raises at once with the failing ranks' messages.
+    """
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        if error:
+            raise RuntimeError(f"{what} failed: {error}")
+        return
+    errors: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, error)
+    failed = [(rank, e) for rank, e in enumerate(errors) if e]
+    if failed:
+        lines = "\n".join(f"  rank {rank}: {e}" for rank, e in failed)
+        raise RuntimeError(f"{what} failed on {len(failed)} rank(s):\n{lines}")

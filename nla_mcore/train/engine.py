@@ -72,6 +72,21 @@ def forward_backward(
     return _reduce_loss(outputs, loss_key)
 
 
+def forward_collect(model, forward_step_func, microbatches: list[dict], *, seq_length: int) -> list:
+    """Forward-only schedule; returns what the forward step's output function gives per
+    micro-batch on the last pipeline stage (an empty list on other stages)."""
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=iter(microbatches),
+        model=model,
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=microbatches[0]["tokens"].shape[0],
+        forward_only=True,
+        collect_non_loss_data=True,
+    )
+
+
 def _reduce_loss(outputs: list[dict], loss_key: str) -> StepLoss:
     """Sum (loss, tokens) over micro-batches, DP and CP ranks; share it along the pipeline."""
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -53,3 +53,24 @@ def lm_forward_step(data_iterator, model):
         injection=microbatch.get("injection"),
     )
     return output_BS, partial(token_sum_loss, local["loss_mask"])
+
+
+def logits_forward_step(data_iterator, model):
+    """forward_step_func returning full-vocabulary logits [B, S, V] (TP-gathered) per micro-batch,
+    for `engine.forward_collect` (inference, evaluation, conversion checks)."""
+    microbatch = next(data_iterator)
+    local = get_batch_on_this_cp_rank(
+        {k: microbatch[k] for k in ("tokens", "position_ids") if k in microbatch}
+    )
+    logits_BSV = model(
+        local["tokens"],
+        local["position_ids"],
+        None,
+        injection=microbatch.get("injection"),
+        runtime_gather_output=True,
+    )
+    return logits_BSV, _identity_output
+
+
+def _identity_output(output, non_loss_data=False):
+    return output

@@ -2,7 +2,8 @@
 
 Why: CPU/gloo proves the maths; this proves the same code on the hardware users run, with the
 CUDA paths (flash/efficient SDPA kernels, NCCL collectives, fused swiglu / bias-dropout-add) that
-the CPU mode never touches.
+the CPU mode never touches.  All runs of one world size share one launch (`run_jobs`), because
+each launch costs seconds of imports and NCCL start-up on the GPU machine.
 
 Tolerances (bf16): every layout is compared with the single-GPU bf16 run and with the fp32 run.
 bf16 keeps 8 mantissa bits (relative rounding 3.9e-3); reductions re-associated across ranks and
@@ -13,13 +14,11 @@ kernels change results at that level, so we compare whole tensors by relative Fr
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
 
 from tests.gpu.conftest import gpu_count
-from tests.models.parallel_worker import load_results, run_step
+from tests.models.parallel_worker import load_results, run_jobs
 from tests.multirank import run_ranks
 
 pytestmark = pytest.mark.gpu
@@ -39,6 +38,7 @@ NCCL_ENV = {
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
+BF16 = dict(dtype="bfloat16", device="cuda")
 
 
 def rel_fro(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -56,47 +56,50 @@ def compare(loss, grads, ref_loss, ref_grads, what):
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            fp32 = tmp_path_factory.mktemp(f"fp32_{family}")
-            run_ranks(partial(run_step, device="cuda"), 1, family, {}, str(fp32), env=NCCL_ENV)
-            bf16 = tmp_path_factory.mktemp(f"bf16_{family}")
-            run_ranks(
-                partial(run_step, reference_dir=str(fp32), dtype="bfloat16", device="cuda"),
-                1,
-                family,
-                {},
-                str(bf16),
-                env=NCCL_ENV,
-            )
-            cache[family] = (fp32, load_results(fp32), load_results(bf16))
-        return cache[family]
-
-    return get
+def runs(tmp_path_factory):
+    """fp32 and bf16 single-GPU runs of each family, then every 2-GPU layout (if 2 GPUs)."""
+    root = tmp_path_factory.mktemp("gpu_runs")
+    one_gpu = []
+    for family in FAMILIES:
+        fp32 = root / f"{family}_fp32"
+        fp32.mkdir()
+        one_gpu.append((family, {}, str(fp32), dict(device="cuda")))
+        (root / f"{family}_bf16").mkdir()
+        one_gpu.append(
+            (family, {}, str(root / f"{family}_bf16"), dict(reference_dir=str(fp32), **BF16))
+        )
+    run_ranks(run_jobs, 1, one_gpu, env=NCCL_ENV, timeout=600)
+    if gpu_count() >= 2:
+        two_gpu = []
+        for family in FAMILIES:
+            for layout, parallel in TWO_GPU_LAYOUTS.items():
+                out = root / f"{family}_{layout}"
+                out.mkdir()
+                two_gpu.append(
+                    (
+                        family,
+                        parallel,
+                        str(out),
+                        dict(reference_dir=str(root / f"{family}_fp32"), **BF16),
+                    )
+                )
+        run_ranks(run_jobs, 2, two_gpu, env=NCCL_ENV, timeout=900)
+    return root
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_one_gpu_bf16_matches_fp32(family, references):
-    _, (ref_loss, ref_grads), (loss, grads) = references(family)
+def test_one_gpu_bf16_matches_fp32(family, runs):
+    ref_loss, ref_grads = load_results(runs / f"{family}_fp32")
+    loss, grads = load_results(runs / f"{family}_bf16")
     compare(loss, grads, ref_loss, ref_grads, f"{family} 1 GPU bf16 vs fp32")
 
 
 @pytest.mark.skipif(gpu_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("layout", list(TWO_GPU_LAYOUTS))
 @pytest.mark.parametrize("family", FAMILIES)
-def test_two_gpu_layouts_match(family, layout, references, tmp_path):
-    fp32_dir, (fp32_loss, fp32_grads), (bf16_loss, bf16_grads) = references(family)
-    run_ranks(
-        partial(run_step, reference_dir=str(fp32_dir), dtype="bfloat16", device="cuda"),
-        2,
-        family,
-        TWO_GPU_LAYOUTS[layout],
-        str(tmp_path),
-        env=NCCL_ENV,
-    )
-    loss, grads = load_results(tmp_path)
+def test_two_gpu_layouts_match(family, layout, runs):
+    loss, grads = load_results(runs / f"{family}_{layout}")
+    bf16_loss, bf16_grads = load_results(runs / f"{family}_bf16")
+    fp32_loss, fp32_grads = load_results(runs / f"{family}_fp32")
     compare(loss, grads, bf16_loss, bf16_grads, f"{family} {layout} vs 1 GPU bf16")
     compare(loss, grads, fp32_loss, fp32_grads, f"{family} {layout} vs fp32")

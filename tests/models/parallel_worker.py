@@ -106,7 +106,7 @@ def run_step(
     ]
     step = forward_backward(ddp, lm_forward_step, microbatches, seq_length=SEQ_LEN)
 
-    grads = {n: p.main_grad.float().cpu() for n, p in ddp.module.named_parameters()}
+    grads = {n: p.main_grad.float() for n, p in ddp.module.named_parameters()}  # on device: NCCL
     full_grads = gather_full_tensors(model, grads, tp_group=tp_group, layer_offset=offset)
     if hf.tie_word_embeddings:
         full_grads.pop(TIED_OUTPUT, None)  # the last stage's copy of the tied embedding
@@ -124,6 +124,17 @@ def run_step(
     if torch.distributed.get_rank() == 0:
         (out / "loss.json").write_text(json.dumps({"loss": step.loss, "tokens": step.num_tokens}))
     return {"loss": step.loss, "tokens": step.num_tokens}
+
+
+def run_jobs(jobs: list[tuple]) -> list[dict]:
+    """Several `run_step(family, parallel, out_dir, **kwargs)` jobs in one process.
+
+    Each job re-creates the model-parallel groups, so one launch covers many layouts (a GPU
+    launch costs seconds of imports and NCCL start-up; the CPU tests keep one launch per test).
+    """
+    return [
+        run_step(family, parallel, out_dir, **kwargs) for family, parallel, out_dir, kwargs in jobs
+    ]
 
 
 def _save_full_weights(model, path: Path) -> None:
