@@ -53,8 +53,13 @@ class Timer:
         """Median milliseconds of fn() between events, host launch overhead included."""
         from triton.testing import do_bench
 
-        return do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, grad_to_none=grad_to_none,
-                        return_mode="median")
+        return do_bench(
+            fn,
+            warmup=self.warmup_ms,
+            rep=self.rep_ms,
+            grad_to_none=grad_to_none,
+            return_mode="median",
+        )
 
     def graph(self, fn: Callable[[], object]) -> float:
         """Median milliseconds of fn() replayed from a CUDA graph: device time, no launch gaps."""
@@ -78,8 +83,13 @@ def rotating(make: Callable[[], tuple], set_bytes: int) -> tuple[list[tuple], Ca
 def copy_bandwidth(timer: Timer, nbytes: int, graph: bool = False) -> float:
     """GB/s of dst.copy_(src) moving nbytes (half read, half written), over rotating buffers."""
     n = nbytes // 4
-    sets, nxt = rotating(lambda: (torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_(),
-                                  torch.empty(n, dtype=torch.bfloat16, device="cuda")), 4 * n)
+    sets, nxt = rotating(
+        lambda: (
+            torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_(),
+            torch.empty(n, dtype=torch.bfloat16, device="cuda"),
+        ),
+        4 * n,
+    )
     fn = lambda: (lambda s, d: d.copy_(s))(*nxt())  # noqa: E731
     ms = timer.graph(fn) if graph else timer(fn)
     return 4 * n / ms / 1e6
@@ -102,6 +112,7 @@ def nmse_inputs(n: int, d: int, dtype: torch.dtype):
 
 def nmse_times(fn, sets, nxt, timer: Timer) -> tuple[float, float]:
     """(forward ms, forward+backward ms) of fn(pred, target) over rotating inputs."""
+
     def fwd():
         p, t, _ = nxt()
         with torch.no_grad():
@@ -119,13 +130,17 @@ def nmse_table(args, timer: Timer, copy_gbs: float) -> None:
     from nla_mcore.kernels.nmse import normalized_mse, normalized_mse_reference
 
     ns = (512, 4096) if args.quick else (512, 4096, 32768)
-    impls = {"ours": lambda p, t: normalized_mse(p, t, backend="triton"),
-             "eager": normalized_mse_reference}
+    impls = {
+        "ours": lambda p, t: normalized_mse(p, t, backend="triton"),
+        "eager": normalized_mse_reference,
+    }
     if not args.skip_compile:
         impls["compile"] = torch.compile(normalized_mse_reference, dynamic=False)
     print(f"\n## Normalised MSE, {args.dtype}; copy ceiling {copy_gbs:.0f} GB/s\n")
-    print("| N | D | pass | ours µs | ours GB/s | % copy | eager µs | compile µs | × eager | "
-          "× compile | kernels µs (graph) | kernels % copy | copy-at-size % (graph) |")
+    print(
+        "| N | D | pass | ours µs | ours GB/s | % copy | eager µs | compile µs | × eager | "
+        "× compile | kernels µs (graph) | kernels % copy | copy-at-size % (graph) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for d in (3584, 8192):
         for n in ns:
@@ -146,10 +161,13 @@ def nmse_rows(n, d, dtype, impls, timer: Timer, copy_gbs: float) -> None:
         kernel_gbs = nbytes[k] / kernels[k] / 1e6
         at_size = copy_bandwidth(timer, nbytes[k], graph=True)
         comp = times.get("compile", (float("nan"),) * 2)[k]
-        print(f"| {n} | {d} | {label} | {ours * 1e3:.1f} | {gbs:.0f} | {100 * gbs / copy_gbs:.0f} "
-              f"| {times['eager'][k] * 1e3:.1f} | {comp * 1e3:.1f} | {times['eager'][k] / ours:.1f} "
-              f"| {comp / ours:.2f} | {kernels[k] * 1e3:.1f} | {100 * kernel_gbs / copy_gbs:.0f} "
-              f"| {100 * at_size / copy_gbs:.0f} |", flush=True)
+        print(
+            f"| {n} | {d} | {label} | {ours * 1e3:.1f} | {gbs:.0f} | {100 * gbs / copy_gbs:.0f} "
+            f"| {times['eager'][k] * 1e3:.1f} | {comp * 1e3:.1f} | {times['eager'][k] / ours:.1f} "
+            f"| {comp / ours:.2f} | {kernels[k] * 1e3:.1f} | {100 * kernel_gbs / copy_gbs:.0f} "
+            f"| {100 * at_size / copy_gbs:.0f} |",
+            flush=True,
+        )
     del sets
 
 
@@ -183,15 +201,23 @@ def nmse_sweep(args, timer: Timer, copy_gbs: float) -> None:
     from nla_mcore.kernels._nmse_triton import NMSEConfig
 
     dtype = getattr(torch, args.dtype)
-    configs = [NMSEConfig(), NMSEConfig(num_warps=4), NMSEConfig(num_warps=8),
-               NMSEConfig(num_warps=16), NMSEConfig(rows=2), NMSEConfig(block_d=1024),
-               NMSEConfig(block_d=2048, num_warps=8)]
-    print(f"\n## Normalised MSE launch configs ({args.dtype}), CUDA-graph device time, % of copy "
-          "(fwd / bwd kernel)\n")
+    configs = [
+        NMSEConfig(),
+        NMSEConfig(num_warps=4),
+        NMSEConfig(num_warps=8),
+        NMSEConfig(num_warps=16),
+        NMSEConfig(rows=2),
+        NMSEConfig(block_d=1024),
+        NMSEConfig(block_d=2048, num_warps=8),
+    ]
+    print(
+        f"\n## Normalised MSE launch configs ({args.dtype}), CUDA-graph device time, % of copy "
+        "(fwd / bwd kernel)\n"
+    )
     print("| N | D | " + " | ".join(cfg_name(c) for c in configs) + " |")
     print("|---|---|" + "---|" * len(configs))
     for d in (3584, 8192):
-        for n in ((4096,) if args.quick else (4096, 32768)):
+        for n in (4096,) if args.quick else (4096, 32768):
             cells = sweep_shape(n, d, dtype, configs, timer, copy_gbs)
             print(f"| {n} | {d} | " + " | ".join(cells) + " |", flush=True)
 
@@ -221,7 +247,7 @@ def sweep_shape(n, d, dtype, configs, timer: Timer, copy_gbs: float) -> list[str
 
 
 def cfg_name(cfg) -> str:
-    return (f"B={cfg.block_d or 'row'} R={cfg.rows} W={cfg.num_warps or 'auto'}")
+    return f"B={cfg.block_d or 'row'} R={cfg.rows} W={cfg.num_warps or 'auto'}"
 
 
 # --- log-probs ------------------------------------------------------------------------------------
@@ -232,8 +258,7 @@ def init_megatron() -> None:
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29517", rank=0,
-                                world_size=1)
+        dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29517", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
 
 
@@ -253,8 +278,9 @@ def logprob_impls(temperature: float):
 
     return {
         "ours": lambda x, t: vocab_parallel_logprobs(x, t, temperature=temperature),
-        "ours+entropy": lambda x, t: sum(vocab_parallel_logprobs(
-            x, t, temperature=temperature, with_entropy=True)),
+        "ours+entropy": lambda x, t: sum(
+            vocab_parallel_logprobs(x, t, temperature=temperature, with_entropy=True)
+        ),
         "megatron": lambda x, t: megatron_reference_logprobs(x, t, temperature),
     }
 
@@ -275,10 +301,14 @@ def logprob_rows(args, timer: Timer) -> None:
     t_tokens = 4096 if args.quick else 16384
     temperature = 0.7
     impls = logprob_impls(temperature)
-    print(f"\n## Log-probs, T = {t_tokens}, V = {QWEN_VOCAB}, bf16 logits, temperature "
-          f"{temperature}\n")
-    print("| tp | impl | fwd ms | fwd tok/s | fwd+bwd ms | fwd+bwd tok/s | peak extra GiB "
-          "(fwd+bwd) | GB/s fwd / bwd | × Megatron fwd / fwd+bwd |")
+    print(
+        f"\n## Log-probs, T = {t_tokens}, V = {QWEN_VOCAB}, bf16 logits, temperature "
+        f"{temperature}\n"
+    )
+    print(
+        "| tp | impl | fwd ms | fwd tok/s | fwd+bwd ms | fwd+bwd tok/s | peak extra GiB "
+        "(fwd+bwd) | GB/s fwd / bwd | × Megatron fwd / fwd+bwd |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for tp in (1, 2):
         v = QWEN_VOCAB // tp
@@ -288,16 +318,23 @@ def logprob_rows(args, timer: Timer) -> None:
         rows = {name: logprob_row(fn, x, tgt, timer) for name, fn in impls.items()}
         ref = rows["megatron"]
         for name, (fwd, fb, peak) in rows.items():
-            bw = (f"{x.numel() * 2 / fwd / 1e6:.0f} / {x.numel() * 4 / (fb - fwd) / 1e6:.0f}"
-                  if name != "megatron" else "")
-            print(f"| {tp} | {name} | {fwd:.2f} | {t_tokens / fwd * 1e3:.3g} | {fb:.2f} | "
-                  f"{t_tokens / fb * 1e3:.3g} | {peak:.2f} | {bw} | "
-                  f"{ref[0] / fwd:.1f} / {ref[1] / fb:.1f} |", flush=True)
+            bw = (
+                f"{x.numel() * 2 / fwd / 1e6:.0f} / {x.numel() * 4 / (fb - fwd) / 1e6:.0f}"
+                if name != "megatron"
+                else ""
+            )
+            print(
+                f"| {tp} | {name} | {fwd:.2f} | {t_tokens / fwd * 1e3:.3g} | {fb:.2f} | "
+                f"{t_tokens / fb * 1e3:.3g} | {peak:.2f} | {bw} | "
+                f"{ref[0] / fwd:.1f} / {ref[1] / fb:.1f} |",
+                flush=True,
+            )
         del x, tgt
 
 
 def logprob_row(fn, x, tgt, timer: Timer) -> tuple[float, float, float]:
     """(forward ms, forward+backward ms, peak GiB above the inputs for forward+backward)."""
+
     def fwd():
         with torch.no_grad():
             fn(x, tgt)
@@ -326,8 +363,10 @@ def logprob_sweep(args, timer: Timer, copy_gbs: float) -> None:
     stats = torch.empty(t_tokens, 4, device="cuda")
     lse, g = torch.randn(t_tokens, device="cuda") + 14, torch.randn(t_tokens, device="cuda")
     grad = torch.empty_like(x)
-    print(f"\n## Log-prob kernel configs (T = {t_tokens}, V = {v}), % of copy: stats / "
-          "stats+entropy / grad\n")
+    print(
+        f"\n## Log-prob kernel configs (T = {t_tokens}, V = {v}), % of copy: stats / "
+        "stats+entropy / grad\n"
+    )
     print("| block_v | warps | stats | stats+entropy | grad |")
     print("|---|---|---|---|---|")
     for block_v, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)):
@@ -337,8 +376,7 @@ def logprob_sweep(args, timer: Timer, copy_gbs: float) -> None:
         gr = timer(lambda c=cfg: logits_grad(x, tgt, lse, None, g, None, 0, 1.0, grad, c))
         pct = [100 * x.numel() * 2 / ms / 1e6 / copy_gbs for ms in (st, ste)]
         pct.append(100 * x.numel() * 4 / gr / 1e6 / copy_gbs)
-        print(f"| {block_v} | {warps} | " + " | ".join(f"{p:.0f}" for p in pct) + " |",
-              flush=True)
+        print(f"| {block_v} | {warps} | " + " | ".join(f"{p:.0f}" for p in pct) + " |", flush=True)
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -366,9 +404,11 @@ def main() -> None:
     import triton
 
     timer = Timer(10, 50) if args.quick else Timer(25, 200)
-    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton "
-          f"{triton.__version__} | {datetime.datetime.now():%Y-%m-%d %H:%M} | "
-          f"{' '.join(sys.argv)}")
+    print(
+        f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton "
+        f"{triton.__version__} | {datetime.datetime.now():%Y-%m-%d %H:%M} | "
+        f"{' '.join(sys.argv)}"
+    )
     copy_gbs = copy_bandwidth(timer, 2**31)
     print(f"device-to-device copy of 1 GiB: {copy_gbs:.0f} GB/s (read + written)")
     section("nmse", lambda: nmse_table(args, timer, copy_gbs))

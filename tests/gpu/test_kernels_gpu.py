@@ -99,8 +99,14 @@ def test_logprobs_match_float64(rng, dtype):
     (grad_TV,) = torch.autograd.grad(loss, x64_TV)
 
     xc_TV = x_TV.cuda().requires_grad_()
-    lp_T, h_T = vocab_parallel_logprobs(xc_TV, target_T.cuda(), temperature=temperature,
-                                        vocab_start_index=start, with_entropy=True, chunk_size=16)
+    lp_T, h_T = vocab_parallel_logprobs(
+        xc_TV,
+        target_T.cuda(),
+        temperature=temperature,
+        vocab_start_index=start,
+        with_entropy=True,
+        chunk_size=16,
+    )
     ((lp_T * w_lp_T.cuda()).sum() + (h_T * w_ent_T.cuda()).sum()).backward()
     seed = rng.initial_seed()
     assert rel_err(lp_T, logp_T) < OUT_TOL, seed
