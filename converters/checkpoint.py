@@ -64,9 +64,16 @@ def model_sharded_state_dict(model) -> dict:
 
 
 def save_checkpoint(
-    model, out_dir: str | Path, meta: CheckpointMeta, *, hf_dir: str | Path | None = None
+    model,
+    out_dir: str | Path,
+    meta: CheckpointMeta,
+    *,
+    hf_dir: str | Path | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Save this rank's shards of `model` into the checkpoint `out_dir` (call on every rank)."""
+    """Save this rank's shards of `model` into the checkpoint `out_dir` (call on every rank).
+
+    `extra_files` (name -> text) are written by rank 0 beside the metadata (e.g. a sidecar)."""
     from megatron.core import dist_checkpointing
 
     out = Path(out_dir).resolve()
@@ -78,6 +85,8 @@ def save_checkpoint(
         (temp / "hf" / "config.json").write_text(json.dumps(meta.hf_config, indent=2))
         if hf_dir is not None:
             copy_tokenizer_files(hf_dir, temp / "hf")
+        for name, text in (extra_files or {}).items():
+            (temp / name).write_text(text)
         (temp / META).write_text(json.dumps(asdict(meta), indent=2))
         replace_directory(temp, out)
     torch.distributed.barrier()
@@ -157,5 +166,6 @@ def recipe_from_meta(meta: CheckpointMeta, parallel, *, dtype: str | None = None
     from nla_mcore.models.hf_config import parse_hf_config
 
     hf = parse_hf_config(meta.hf_config)
-    return make_recipe(hf, parallel, dtype=dtype or meta.dtype, backend=backend,
-                       num_layers=meta.num_layers)
+    return make_recipe(
+        hf, parallel, dtype=dtype or meta.dtype, backend=backend, num_layers=meta.num_layers
+    )

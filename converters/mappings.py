@@ -116,8 +116,9 @@ class QKV(Mapping):
         return interleave_qkv(q_rows, k_rows, v_rows, groups=g1 - g0, head_dim=hd)
 
     def to_hf(self, full, layer, hf):
-        q, k, v = split_qkv(full, groups=hf.num_key_value_heads,
-                            heads=hf.num_attention_heads, head_dim=hf.head_dim)
+        q, k, v = split_qkv(
+            full, groups=hf.num_key_value_heads, heads=hf.num_attention_heads, head_dim=hf.head_dim
+        )
         return dict(zip(self.hf_names(layer), (q, k, v), strict=True))
 
 

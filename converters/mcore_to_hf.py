@@ -81,7 +81,9 @@ class RegionPlanner(LoadPlanner):
 
     def resolve_tensor(self, read_item):
         view = self.regions[read_item.dest_index.fqn][1]
-        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths, strict=True)):
+        for dim, (start, length) in enumerate(
+            zip(read_item.dest_offsets, read_item.lengths, strict=True)
+        ):
             view = view.narrow(dim, start, length)
         return view
 
@@ -150,14 +152,19 @@ def export_to_hf(
     """Write `ckpt_dir` as an HF model directory at `out_dir`; returns `out_dir`."""
     meta = read_meta(ckpt_dir)
     hf = parse_hf_config(meta.hf_config)
-    mappings = mappings_for(meta.family, tied=hf.tie_word_embeddings)
+    mappings = mappings_for(
+        meta.family,
+        tied=hf.tie_word_embeddings,
+        backbone_only=meta.extra.get("backbone_only", False),
+    )
     tensors = CheckpointTensors(Path(ckpt_dir) / "model")
     with atomic_directory(out_dir) as temp:
         writer = ShardedWriter(temp, max_shard_bytes=max_shard_bytes)
         _write_tensors(writer, tensors, mappings, hf, meta.num_layers, on_progress)
         writer.close()
-        config = export_config(meta, num_layers=meta.num_layers, dtype=meta.dtype,
-                               overrides=config_overrides)
+        config = export_config(
+            meta, num_layers=meta.num_layers, dtype=meta.dtype, overrides=config_overrides
+        )
         (temp / "config.json").write_text(json.dumps(config, indent=2))
         copy_tokenizer_files(Path(ckpt_dir) / "hf", temp)
         if tokenizer_dir is not None:
@@ -199,8 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     meta = read_meta(args.ckpt)
     with tqdm(total=meta.num_layers, desc="export", unit="layer") as bar:
         out = export_to_hf(
-            args.ckpt, args.out, tokenizer_dir=args.tokenizer,
-            max_shard_bytes=int(args.max_shard_gb * 2**30), on_progress=lambda _: bar.update(),
+            args.ckpt,
+            args.out,
+            tokenizer_dir=args.tokenizer,
+            max_shard_bytes=int(args.max_shard_gb * 2**30),
+            on_progress=lambda _: bar.update(),
         )
     print(f"[convert] {args.ckpt} -> {out}")
 

@@ -46,7 +46,8 @@ CONVERT_SUMMARY = "convert checkpoints: hf-to-mcore (HF -> dist-checkpoint), mco
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="nla-mcore", description="Train Natural Language Autoencoders (AV + AR) on Megatron-Core."
+        prog="nla-mcore",
+        description="Train Natural Language Autoencoders (AV + AR) on Megatron-Core.",
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="verb")
     for name, verb in CONFIG_VERBS.items():

@@ -43,6 +43,19 @@ def cp_chunk_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) ->
     return torch.cat([first, second])
 
 
+def gather_cp_sequence(local: torch.Tensor, seq_dim: int, cp_group) -> torch.Tensor:
+    """All CP ranks' chunks of `local` (no grad), back in sequence order along `seq_dim`."""
+    cp = cp_group.size() if cp_group is not None else 1
+    if cp == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(cp)]
+    torch.distributed.all_gather(parts, local.contiguous(), group=cp_group)
+    full_len = local.shape[seq_dim] * cp
+    order = torch.cat([cp_chunk_positions(full_len, cp, r, local.device) for r in range(cp)])
+    gathered = torch.cat(parts, dim=seq_dim)
+    return gathered.index_select(seq_dim, torch.argsort(order))
+
+
 def causal_window_mask(
     q_pos_S: torch.Tensor, k_pos_K: torch.Tensor, window: int | None
 ) -> torch.Tensor:

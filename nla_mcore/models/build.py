@@ -21,7 +21,7 @@ from nla_mcore.models.gpt import NLAGPTModel
 from nla_mcore.models.hf_config import HFModelConfig, rope_inv_freq
 from nla_mcore.models.registry import family_for
 from nla_mcore.models.specs import block_spec, resolve_backend
-from nla_mcore.runtime.parallel import ParallelConfig
+from nla_mcore.runtime.parallel import ParallelConfig, uneven_pipeline_split
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -120,6 +120,7 @@ def transformer_config(
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=perform_initialization,
         **window,
+        **uneven_pipeline_split(recipe.depth, par.pipeline_parallel),
     )
 
 
@@ -130,16 +131,19 @@ def build_model(
     post_process: bool | None = None,
     use_cpu_initialization: bool | None = None,
     perform_initialization: bool = True,
+    backbone_only: bool = False,
 ) -> NLAGPTModel:
     """This rank's pipeline stage of the model (parallel groups must exist), on its device.
 
-    `perform_initialization=False` skips random init (weights are about to be loaded)."""
+    `perform_initialization=False` skips random init (weights are about to be loaded).
+    `backbone_only=True` drops the final norm and the LM head on the last stage (the AR, and
+    activation extraction): the stage returns the last decoder layer's output."""
     from megatron.core import parallel_state
 
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage()
+        post_process = parallel_state.is_pipeline_last_stage() and not backbone_only
     if use_cpu_initialization is None:
         use_cpu_initialization = not torch.cuda.is_available()
     hf, fam = recipe.hf, recipe.family
@@ -162,7 +166,7 @@ def build_model(
         max_sequence_length=hf.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
-        share_embeddings_and_output_weights=hf.tie_word_embeddings,
+        share_embeddings_and_output_weights=hf.tie_word_embeddings and not backbone_only,
         position_embedding_type="rope",
         rotary_base=int(hf.rope.theta),
         embedding_scale=math.sqrt(hf.hidden_size) if fam.scale_embeddings else None,

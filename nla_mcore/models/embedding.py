@@ -51,7 +51,9 @@ def embed_tokens(
     rows_SBH = rows_BSH.transpose(0, 1).contiguous()
     if embedding.config.sequence_parallel:
         hidden_SBH = reduce_scatter_to_sequence_parallel_region(rows_SBH, group=tp_group)
-        with tensor_parallel.get_cuda_rng_tracker().fork():
+        if embedding.embedding_dropout.p == 0:
+            return hidden_SBH
+        with tensor_parallel.get_cuda_rng_tracker().fork():  # sequence shards differ per rank
             return embedding.embedding_dropout(hidden_SBH)
     hidden_SBH = reduce_from_tensor_model_parallel_region(rows_SBH, group=tp_group)
     return embedding.embedding_dropout(hidden_SBH)

@@ -105,6 +105,9 @@ def initialize_model_parallel(parallel: ParallelConfig) -> int:
 
     world = torch.distributed.get_world_size()
     dp = parallel.data_parallel(world)
+    if _current_layout() == _layout(parallel):
+        return dp  # same groups: re-creating NCCL communicators in one process is slow (and, on
+        # the project's H100s with NCCL 2.28, failed with "Failed to CUDA calloc async")
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel,
@@ -112,3 +115,38 @@ def initialize_model_parallel(parallel: ParallelConfig) -> int:
         context_parallel_size=parallel.context_parallel,
     )
     return dp
+
+
+def _layout(parallel: ParallelConfig) -> tuple[int, int, int]:
+    return (parallel.tensor_parallel, parallel.pipeline_parallel, parallel.context_parallel)
+
+
+def _current_layout() -> tuple[int, int, int] | None:
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return None
+    return (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_context_parallel_world_size(),
+    )
+
+
+def uneven_pipeline_split(num_layers: int, pp: int) -> dict[str, int]:
+    """Megatron-Core's uneven split (first/last stage sizes) when `num_layers % pp != 0`.
+
+    Middle stages get `num_layers // pp` layers each; the first and last share the rest, the
+    first taking the larger half.  Used for truncated stacks (the AR's K+1 layers are rarely a
+    multiple of pp).  Returns {} when the split is even.
+    """
+    if num_layers % pp == 0:
+        return {}
+    if num_layers < pp:
+        raise LayoutError(f"{num_layers} layers cannot fill pipeline_parallel={pp} stages")
+    middle = num_layers // pp
+    ends = num_layers - middle * (pp - 2)
+    return dict(
+        num_layers_in_first_pipeline_stage=(ends + 1) // 2,
+        num_layers_in_last_pipeline_stage=ends // 2,
+    )

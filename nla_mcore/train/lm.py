@@ -69,8 +69,9 @@ def logits_forward_step(data_iterator, model):
         injection=microbatch.get("injection"),
         runtime_gather_output=True,
     )
-    return logits_BSV, _identity_output
+    return logits_BSV, identity_output
 
 
-def _identity_output(output, non_loss_data=False):
+def identity_output(output, non_loss_data=False):
+    """Output function for forward-only collection: the model output itself."""
     return output

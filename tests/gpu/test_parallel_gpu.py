@@ -2,8 +2,8 @@
 
 Why: CPU/gloo proves the maths; this proves the same code on the hardware users run, with the
 CUDA paths (flash/efficient SDPA kernels, NCCL collectives, fused swiglu / bias-dropout-add) that
-the CPU mode never touches.  All runs of one world size share one launch (`run_jobs`), because
-each launch costs seconds of imports and NCCL start-up on the GPU machine.
+the CPU mode never touches.  All runs of one layout share one launch (`run_jobs`): a launch
+costs seconds of imports and NCCL start-up, and one process keeps one set of process groups.
 
 Tolerances (bf16): every layout is compared with the single-GPU bf16 run and with the fp32 run.
 bf16 keeps 8 mantissa bits (relative rounding 3.9e-3); reductions re-associated across ranks and
