@@ -170,6 +170,7 @@ def main():
             f"{r['tflops']:8.0f} {r['tflops'] / PEAK_TFLOPS:8.1%} {r['tflops'] / ceiling:6.1%} "
             f"{r['peak_gib']:8.1f} {speedup:7.2f}x"
         )
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
