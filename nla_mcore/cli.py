@@ -32,12 +32,31 @@ def _quickstart_schema():
     return QuickstartConfig
 
 
+def _datagen_schema():
+    from nla_mcore.datagen.extract_main import MCoreDatagenConfig
+
+    return MCoreDatagenConfig
+
+
+def _datagen_ranks(cfg) -> int:
+    from nla_mcore.datagen.extract_main import launched_ranks
+
+    return launched_ranks(cfg)  # 1 when "extract" is not among the stages
+
+
 CONFIG_VERBS: dict[str, ConfigVerb] = {
     "quickstart": ConfigVerb(
         module="nla_mcore.quickstart",
         schema=_quickstart_schema,
         summary="train a toy model for a few steps on CPU ranks (the whole stack, no downloads)",
         nproc=lambda cfg: cfg.nproc,
+    ),
+    "datagen": ConfigVerb(
+        module="nla_mcore.datagen.extract_main",
+        schema=_datagen_schema,
+        summary="make the AV-SFT, AR-SFT and RL files: extract (Megatron-Core, any layout), "
+        "split, explain, build",
+        nproc=_datagen_ranks,
     ),
 }
 

@@ -88,7 +88,16 @@ def help_text(schema: type) -> str:
 
 @cache
 def field_docs(schema: type) -> dict[str, str]:
-    """The string literal under each field of a dataclass body (PEP 257 attribute docstrings)."""
+    """The string literal under each field of a dataclass (PEP 257 attribute docstrings),
+    including fields inherited from dataclass bases (a subclass's own docs win)."""
+    docs: dict[str, str] = {}
+    for cls in reversed(schema.__mro__):
+        if dataclasses.is_dataclass(cls):
+            docs.update(_own_field_docs(cls))
+    return docs
+
+
+def _own_field_docs(schema: type) -> dict[str, str]:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(schema)))
     except (OSError, TypeError):

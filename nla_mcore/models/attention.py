@@ -36,6 +36,8 @@ from megatron.core.transformer.utils import is_layer_window_attention
 
 def cp_chunk_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
     """Global positions held by `cp_rank` under the load-balanced 2·cp chunk layout."""
+    if cp_size == 1:
+        return torch.arange(seq_len, device=device)  # also for odd lengths (no chunking)
     chunk = seq_len // (2 * cp_size)
     first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk, device=device)
     mirror = 2 * cp_size - 1 - cp_rank
