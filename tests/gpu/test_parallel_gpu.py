@@ -5,11 +5,16 @@ CUDA paths (flash/efficient SDPA kernels, NCCL collectives, fused swiglu / bias-
 the CPU mode never touches.  All runs of one layout share one launch (`run_jobs`): a launch
 costs seconds of imports and NCCL start-up, and one process keeps one set of process groups.
 
-Tolerances (bf16): every layout is compared with the single-GPU bf16 run and with the fp32 run.
-bf16 keeps 8 mantissa bits (relative rounding 3.9e-3); reductions re-associated across ranks and
-kernels change results at that level, so we compare whole tensors by relative Frobenius error
-‖g − g_ref‖ / ‖g_ref‖ (max-abs is dominated by single rounding flips): ≤ 5e-2 for gradients and
-≤ 1e-2 relative for the loss.  A sharding or communication bug gives errors of order 1.
+Tolerances (bf16): bf16 keeps 8 mantissa bits (relative rounding 3.9e-3); reductions
+re-associated across ranks and kernels change results at that level, so we compare whole tensors
+by relative Frobenius error ‖g − g_ref‖ / ‖g_ref‖ (max-abs is dominated by single rounding flips).
+* every layout vs the single-GPU bf16 run: ≤ 5e-2 per gradient, loss ≤ 1e-2 relative;
+* every layout vs the fp32 run: no more than 2x the single-GPU bf16 run's own error on the same
+  tensor, plus 1e-2.  (An absolute 5e-2 bound was used first; Gemma-3's QK-norm weight gradients,
+  16-element sums over all heads and positions, showed 3.4e-2 on one GPU and 5.0e-2 at TP2 on
+  2026-11-25 - the same bf16 noise, not a layout error.)
+A sharding or communication bug (a missing QK-norm all-reduce, a wrong shard) gives errors of
+order 1 (e.g. half of a QK-norm gradient missing is ~0.7).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ def rel_fro(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def compare(loss, grads, ref_loss, ref_grads, what):
+    """Every gradient within GRAD_RTOL of the reference (same-precision comparison)."""
     worst = max((rel_fro(grads[k], ref_grads[k]), k) for k in ref_grads)
     print(
         f"{what}: loss {loss:.6f} vs {ref_loss:.6f}; worst grad rel-fro {worst[0]:.2e} ({worst[1]})"
@@ -53,6 +59,19 @@ def compare(loss, grads, ref_loss, ref_grads, what):
     assert loss == pytest.approx(ref_loss, rel=LOSS_RTOL), what
     assert set(grads) == set(ref_grads)
     assert worst[0] <= GRAD_RTOL, what
+
+
+def compare_to_fp32(loss, grads, fp32, one_gpu_bf16, what):
+    """Every gradient's bf16 error vs fp32 within 2x the 1-GPU bf16 error (+1e-2)."""
+    (fp32_loss, fp32_grads), (_, bf16_grads) = fp32, one_gpu_bf16
+    assert loss == pytest.approx(fp32_loss, rel=LOSS_RTOL), what
+    excess = []
+    for k, ref in fp32_grads.items():
+        err, yardstick = rel_fro(grads[k], ref), rel_fro(bf16_grads[k], ref)
+        if err > 2 * yardstick + 1e-2:
+            excess.append(f"{k}: {err:.2e} vs 1-GPU bf16 {yardstick:.2e}")
+    print(f"{what}: loss {loss:.6f} vs {fp32_loss:.6f}; {len(excess)} gradients beyond bound")
+    assert not excess, f"{what}: {excess[:5]}"
 
 
 @pytest.fixture(scope="module")
@@ -102,4 +121,6 @@ def test_two_gpu_layouts_match(family, layout, runs):
     bf16_loss, bf16_grads = load_results(runs / f"{family}_bf16")
     fp32_loss, fp32_grads = load_results(runs / f"{family}_fp32")
     compare(loss, grads, bf16_loss, bf16_grads, f"{family} {layout} vs 1 GPU bf16")
-    compare(loss, grads, fp32_loss, fp32_grads, f"{family} {layout} vs fp32")
+    compare_to_fp32(
+        loss, grads, (fp32_loss, fp32_grads), (bf16_loss, bf16_grads), f"{family} {layout} vs fp32"
+    )
