@@ -30,39 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-QWEN25_1P5B = dict(
-    model_type="qwen2",
-    architectures=["Qwen2ForCausalLM"],
-    vocab_size=151936,
-    hidden_size=1536,
-    intermediate_size=8960,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-6,
-    rope_theta=1000000.0,
-    tie_word_embeddings=True,
-    hidden_act="silu",
-    use_sliding_window=False,
-)
-
-
-def make_hf(directory: Path, layers: int, device: str) -> float:
-    import transformers
-
-    config = transformers.AutoConfig.for_model(**{**QWEN25_1P5B, "num_hidden_layers": layers})
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(
-                torch.randn_like(p) * (0.2 if "norm" in name else 0.02)
-                + (1.0 if "norm" in name else 0.0)
-            )
-    model.save_pretrained(directory, safe_serialization=True, max_shard_size="1GB")
-    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+from bench.shapes import QWEN25_1P5B, write_random_hf_model  # noqa: E402
 
 
 def hf_logits(directory: Path, tokens: torch.Tensor, device: str, dtype=torch.bfloat16):
@@ -132,7 +100,7 @@ def main():
     gpus = torch.cuda.device_count() if dev == "cuda" else 2
     root = Path(tempfile.mkdtemp(prefix="bench_convert_"))
     rows, failures = [], []
-    size_gib = make_hf(root / "hf", args.layers, dev)
+    size_gib = write_random_hf_model(root / "hf", args.layers, dev)
     tokens = torch.randint(
         0, QWEN25_1P5B["vocab_size"], (4, 256), generator=torch.Generator().manual_seed(1)
     )

@@ -49,22 +49,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-QWEN25_1P5B = dict(
-    model_type="qwen2",
-    architectures=["Qwen2ForCausalLM"],
-    vocab_size=151936,
-    hidden_size=1536,
-    intermediate_size=8960,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-6,
-    rope_theta=1000000.0,
-    tie_word_embeddings=True,
-    hidden_act="silu",
-    use_sliding_window=False,
-)
+from bench.shapes import QWEN25_1P5B, write_random_hf_model  # noqa: E402
+
 POSITIONS_PER_DOC = 10
 MIN_POSITION = 50
 GPU_DEFAULTS = dict(docs=256, min_len=512, max_len=1024, dtype="bfloat16")
@@ -80,21 +66,6 @@ class Result:
     tokens_per_s: float
     peak_gib: float | None
     vectors: list[np.ndarray]
-
-
-def make_model(directory: Path, layers: int, device: str) -> None:
-    """Random bf16 Qwen2.5-1.5B-shaped weights (norms around 1), saved as safetensors."""
-    import transformers
-
-    config = transformers.AutoConfig.for_model(**{**QWEN25_1P5B, "num_hidden_layers": layers})
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale, centre = (0.2, 1.0) if "norm" in name else (0.02, 0.0)
-            p.copy_(torch.randn_like(p) * scale + centre)
-    model.save_pretrained(directory, safe_serialization=True, max_shard_size="1GB")
 
 
 def make_documents(n: int, min_len: int, max_len: int, vocab: int) -> Batch:
@@ -271,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
         hf_dir = Path(tmp) / "hf"
-        make_model(hf_dir, args.layers, args.device)
+        write_random_hf_model(hf_dir, args.layers, args.device)
         extractors = {
             "transformers": full_forward_extractor,
             "HF provider": hf_provider_extractor,

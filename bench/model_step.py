@@ -28,20 +28,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-QWEN25_1P5B = dict(
-    model_type="qwen2",
-    vocab_size=151936,
-    hidden_size=1536,
-    intermediate_size=8960,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-6,
-    rope_theta=1000000.0,
-    tie_word_embeddings=True,
-    hidden_act="silu",
-)
+from bench.shapes import QWEN25_1P5B  # noqa: E402
+
 PEAK_TFLOPS = 790.0
 
 

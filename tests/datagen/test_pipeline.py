@@ -88,3 +88,47 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
     point into `nla-mcore datagen`)."""
     assert main_datagen([f"output_dir={tmp_path}"]) == 2
     assert "extract.base_model is empty" in capsys.readouterr().err
+
+
+def test_text_corpus_to_three_files_with_the_anthropic_explainer(tmp_path, api_key):
+    """The same pipeline with the real `anthropic` SDK answering through a local server that
+    speaks the Messages API (some transient faults injected): every extracted row ends in a built
+    file or dropped with a reason, the explain summary counts the API calls, and the key appears
+    in no output file."""
+    from fake_anthropic import FakeAnthropic
+
+    toy = make_toy("llama", tmp_path)
+    corpus = write_txt_dir(tmp_path / "corpus", documents(60, seed=5, max_paragraphs=2))
+    with FakeAnthropic(api_key=api_key, faults={"": ["429", "500"]}) as fake:
+        overrides = [
+            f"output_dir={tmp_path / 'out'}",
+            f"extract.base_model={toy.model_dir}",
+            f"extract.corpus.paths=[{corpus}]",
+            "extract.positions_per_doc=2",
+            "extract.max_length=128",
+            "extract.progress=false",
+            "split.progress=false",
+            "explain.explainer=anthropic",
+            f"explain.base_url={fake.base_url}",
+            f"explain.cache_dir={tmp_path / 'cache'}",
+            "explain.backoff_initial_s=0.005",
+            "explain.backoff_max_s=0.02",
+            "explain.timeout_s=5",
+            "explain.progress=false",
+            "build.progress=false",
+        ]
+        cfg = load_config(DatagenConfig, None, overrides)
+        tokenizer = AutoTokenizer.from_pretrained(toy.model_dir)
+        summary = run_pipeline(cfg, HFActivationProvider(toy.model_dir), tokenizer)
+        requests = len(fake.message_requests())
+    explained = sum(s.rows for s in summary.explain.values())
+    assert requests >= explained > 0  # one call per text, plus retries of the injected faults
+    for name in SPLITS:
+        path = tmp_path / "out" / f"{name}.parquet"
+        built = summary.build[name]
+        assert built.rows_out + sum(built.dropped.values()) == summary.split.rows[name]
+        assert built.rows_out > 0
+        check_marker(read_dataset_sidecar(path), tokenizer)
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert api_key.encode() not in path.read_bytes(), path
