@@ -60,21 +60,18 @@ def forward_backward(
     """Run the pipeline schedule over `microbatches`; the loss is reduced onto every rank."""
     if not forward_only:
         model.zero_grad_buffer()
-    outputs = get_forward_backward_func()(
-        forward_step_func=forward_step_func,
-        data_iterator=iter(microbatches),
-        model=model,
-        num_microbatches=len(microbatches),
-        seq_length=seq_length,
-        micro_batch_size=microbatches[0]["tokens"].shape[0],
-        forward_only=forward_only,
-    )
+    outputs = _schedule(model, forward_step_func, microbatches, seq_length, forward_only)
     return _reduce_loss(outputs, loss_key)
 
 
 def forward_collect(model, forward_step_func, microbatches: list[dict], *, seq_length: int) -> list:
     """Forward-only schedule; returns what the forward step's output function gives per
     micro-batch on the last pipeline stage (an empty list on other stages)."""
+    return _schedule(model, forward_step_func, microbatches, seq_length, True, collect=True)
+
+
+def _schedule(model, forward_step_func, microbatches, seq_length, forward_only, collect=False):
+    """Megatron-Core's schedule for this layout (no pipelining, or 1F1B) over `microbatches`."""
     return get_forward_backward_func()(
         forward_step_func=forward_step_func,
         data_iterator=iter(microbatches),
@@ -82,8 +79,8 @@ def forward_collect(model, forward_step_func, microbatches: list[dict], *, seq_l
         num_microbatches=len(microbatches),
         seq_length=seq_length,
         micro_batch_size=microbatches[0]["tokens"].shape[0],
-        forward_only=True,
-        collect_non_loss_data=True,
+        forward_only=forward_only,
+        collect_non_loss_data=collect,
     )
 
 
