@@ -40,6 +40,9 @@ class ARModel(MegatronModule):
         super().__init__(config=backbone.config)
         self.backbone = backbone
         self.model_type = backbone.model_type  # read by Megatron-Core's schedules
+        # read by finalize_model_grads under PP (the AR ties no output layer to its embedding)
+        self.pre_process = backbone.pre_process
+        self.share_embeddings_and_output_weights = backbone.share_embeddings_and_output_weights
         self.is_last_stage = ps.is_pipeline_last_stage() if is_last_stage is None else is_last_stage
         self.value_head = None
         if self.is_last_stage:

@@ -172,6 +172,28 @@ def build_model(
         embedding_scale=math.sqrt(hf.hidden_size) if fam.scale_embeddings else None,
         rope_inv_freq=rope_inv_freq(hf.rope, hf.head_dim),
     )
+    if not perform_initialization:
+        mark_tensor_parallel_weights(model)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Set Megatron-Core's `tensor_model_parallel` / `partition_dim` / `partition_stride` on the
+    split weights of a model built with `perform_initialization=False`.
+
+    Megatron-Core 0.16.1 sets them only inside its weight initialisers, so a model built to be
+    loaded has split weights that look replicated: the optimizer's gradient norm then counts
+    them on TP rank 0 only (a wrong norm and a wrong clip under TP).  `sharding.partition_dim`
+    knows the split of every parameter; the gated fc1 has stride 2 ([gate; up] per rank), as
+    Megatron-Core's MLP sets it."""
+    from nla_mcore.models.sharding import is_gated_fc1, partition_dim
+
+    for name, param in model.named_parameters():
+        dim = partition_dim(model, name)
+        if dim is None or getattr(param, "tensor_model_parallel", False):
+            continue
+        param.tensor_model_parallel = True
+        param.partition_dim = dim
+        param.partition_stride = 2 if is_gated_fc1(name) and dim == 0 else 1
