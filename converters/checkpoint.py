@@ -81,16 +81,24 @@ def save_checkpoint(
     dist_checkpointing.save(model_sharded_state_dict(model), str(temp / "model"))
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
-        (temp / "hf").mkdir()
-        (temp / "hf" / "config.json").write_text(json.dumps(meta.hf_config, indent=2))
-        if hf_dir is not None:
-            copy_tokenizer_files(hf_dir, temp / "hf")
-        for name, text in (extra_files or {}).items():
-            (temp / name).write_text(text)
-        (temp / META).write_text(json.dumps(asdict(meta), indent=2))
+        write_checkpoint_files(temp, meta, hf_dir=hf_dir, extra_files=extra_files)
         replace_directory(temp, out)
     torch.distributed.barrier()
     return out
+
+
+def write_checkpoint_files(
+    directory: Path, meta: CheckpointMeta, *, hf_dir=None, extra_files: dict[str, str] | None = None
+) -> None:
+    """Everything of a checkpoint but the weights (one process): `hf/` (config and tokenizer
+    files), the extra files, and `nla_checkpoint.json` last."""
+    (directory / "hf").mkdir(exist_ok=True)
+    (directory / "hf" / "config.json").write_text(json.dumps(meta.hf_config, indent=2))
+    if hf_dir is not None:
+        copy_tokenizer_files(hf_dir, directory / "hf")
+    for name, text in (extra_files or {}).items():
+        (directory / name).write_text(text)
+    (directory / META).write_text(json.dumps(asdict(meta), indent=2))
 
 
 def load_checkpoint(model, ckpt_dir: str | Path) -> None:
@@ -100,7 +108,7 @@ def load_checkpoint(model, ckpt_dir: str | Path) -> None:
     model_dir = Path(ckpt_dir) / "model"
     read_meta(ckpt_dir)
     sharded = model_sharded_state_dict(model)
-    _check_shapes(sharded, model_dir)
+    check_shapes(sharded, model_dir)
     state = dist_checkpointing.load(sharded, str(model_dir))
     missing = model.load_state_dict(state, strict=False).missing_keys
     missing = [k for k in missing if not k.endswith("._extra_state")]
@@ -108,7 +116,7 @@ def load_checkpoint(model, ckpt_dir: str | Path) -> None:
         raise CheckpointError(f"{ckpt_dir}: no weights for {missing}")
 
 
-def _check_shapes(sharded: dict, model_dir: Path) -> None:
+def check_shapes(sharded: dict, model_dir: Path) -> None:
     """Compare global shapes before loading, so a config mismatch names the tensors."""
     from megatron.core import dist_checkpointing
 

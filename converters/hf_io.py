@@ -174,8 +174,21 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
     replace_directory(temp, out)
 
 
+def share_permissions(path: str | Path) -> None:
+    """Give a finished output tree the permissions the user's umask gives new files (mkdtemp
+    makes 0700 directories and safetensors' atomic writes 0600 files, which collaborators on a
+    shared cluster could not read)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _dirs, files in os.walk(path):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 def replace_directory(new: Path, out: Path) -> None:
     """Move `new` to `out`, replacing an existing `out` (old copy removed only after the move)."""
+    share_permissions(new)
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -78,20 +78,33 @@ def _ar_template() -> str:
 
 def save_nla_checkpoint(model, out_dir, *, recipe, sidecar: ModelSidecar, hf_dir=None) -> Path:
     """Save an AV (`NLAGPTModel`) or AR (`ARModel`) with its role and sidecar (every rank)."""
-    import yaml
+    return save_checkpoint(
+        model,
+        out_dir,
+        nla_checkpoint_meta(recipe, sidecar.role),
+        hf_dir=hf_dir,
+        extra_files=sidecar_files(sidecar),
+    )
 
-    meta = CheckpointMeta(
+
+def nla_checkpoint_meta(recipe, role: str) -> CheckpointMeta:
+    """`nla_checkpoint.json` of an AV or AR checkpoint saved by this job."""
+    return CheckpointMeta(
         family=recipe.family.name,
         num_layers=recipe.depth,
         dtype=str(recipe.dtype).removeprefix("torch."),
         hf_config=recipe.hf.raw,
         saved_layout=layout_of_this_job(),
-        extra={"role": sidecar.role, "backbone_only": sidecar.role == "ar"},
+        extra={"role": role, "backbone_only": role == "ar"},
     )
+
+
+def sidecar_files(sidecar: ModelSidecar) -> dict[str, str]:
+    """{`nla_meta.yaml`: its text} for `save_checkpoint`'s extra files."""
+    import yaml
+
     text = yaml.safe_dump(model_sidecar_to_dict(sidecar), sort_keys=False, allow_unicode=True)
-    return save_checkpoint(
-        model, out_dir, meta, hf_dir=hf_dir, extra_files={SIDECAR_BASENAME: text}
-    )
+    return {SIDECAR_BASENAME: text}
 
 
 def export_nla(ckpt_dir: str | Path, out_dir: str | Path, *, tokenizer_dir=None, **kwargs) -> Path:

@@ -23,7 +23,7 @@ def torchrun_command(module: str, nproc: int, args: list[str]) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "nla_mcore.launchers.torchrun",
         "--standalone",
         f"--nproc-per-node={nproc}",
         "-m",
