@@ -24,6 +24,10 @@ class ConfigVerb:
     schema: Callable[[], type]
     summary: str
     nproc: Callable[[object], int] = lambda cfg: 1
+    module_args: tuple[str, ...] = ()
+    """Arguments before the config ones (e.g. the role of a shared rank program)."""
+    preflight: Callable[[object], None] | None = None
+    """Checks that need files (not just the schema), run before any rank is launched."""
 
 
 def _quickstart_schema():
@@ -44,6 +48,21 @@ def _datagen_ranks(cfg) -> int:
     return launched_ranks(cfg)  # 1 when "extract" is not among the stages
 
 
+def _sft_schema(role: str):
+    from nla_mcore.train.sft_config import ARSFTConfig, AVSFTConfig
+
+    return ARSFTConfig if role == "ar" else AVSFTConfig
+
+
+def _sft_preflight(role: str):
+    def check(cfg) -> None:
+        from nla_mcore.train.sft_preflight import preflight
+
+        preflight(cfg, role)
+
+    return check
+
+
 CONFIG_VERBS: dict[str, ConfigVerb] = {
     "quickstart": ConfigVerb(
         module="nla_mcore.quickstart",
@@ -57,6 +76,22 @@ CONFIG_VERBS: dict[str, ConfigVerb] = {
         summary="make the AV-SFT, AR-SFT and RL files: extract (Megatron-Core, any layout), "
         "split, explain, build",
         nproc=_datagen_ranks,
+    ),
+    "sft-ar": ConfigVerb(
+        module="nla_mcore.train.sft",
+        schema=lambda: _sft_schema("ar"),
+        summary="supervised training of the AR (explanation -> vector) on ar_sft.parquet",
+        nproc=lambda cfg: cfg.nproc,
+        module_args=("ar",),
+        preflight=_sft_preflight("ar"),
+    ),
+    "sft-av": ConfigVerb(
+        module="nla_mcore.train.sft",
+        schema=lambda: _sft_schema("av"),
+        summary="supervised training of the AV (vector -> explanation) on av_sft.parquet",
+        nproc=lambda cfg: cfg.nproc,
+        module_args=("av",),
+        preflight=_sft_preflight("av"),
     ),
 }
 
@@ -92,11 +127,13 @@ def _run_config_verb(name: str, args) -> int:
         return 0
     try:
         cfg = load_config(schema, args.config, args.overrides)
+        if verb.preflight is not None:
+            verb.preflight(cfg)
     except (ConfigError, ValueError) as err:
         print(f"nla-mcore {name}: invalid config: {err}", file=sys.stderr)
         return 2
     rank_args = (["--config", args.config] if args.config else []) + list(args.overrides)
-    return launch(verb.module, verb.nproc(cfg), rank_args)
+    return launch(verb.module, verb.nproc(cfg), [*verb.module_args, *rank_args])
 
 
 def _run_convert(args) -> int:

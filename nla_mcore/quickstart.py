@@ -86,8 +86,9 @@ def run(cfg: QuickstartConfig) -> list[float]:
     from nla_mcore.runtime.parallel import initialize_model_parallel, validate_layout
     from nla_mcore.toy import toy_hf_config
     from nla_mcore.toy_tokenizers import build_toy_tokenizer
-    from nla_mcore.train.engine import build_optimizer, forward_backward, wrap_ddp
+    from nla_mcore.train.engine import forward_backward, wrap_ddp
     from nla_mcore.train.lm import lm_forward_step
+    from nla_mcore.train.optim import OptimConfig, build_optimizer, build_scheduler, optimizer_step
 
     env, device = init_distributed(cfg.device)
     hf = parse_hf_config(toy_hf_config(cfg.family))
@@ -107,8 +108,10 @@ def run(cfg: QuickstartConfig) -> list[float]:
         )
     initialize_model_parallel(cfg.parallel)
     set_seed(cfg.seed)
-    model = wrap_ddp(build_model(make_recipe(hf, cfg.parallel)))
-    optimizer = build_optimizer(model, lr=cfg.lr)
+    model = wrap_ddp(build_model(make_recipe(hf, cfg.parallel)), distributed_optimizer=True)
+    optim = OptimConfig(lr=cfg.lr, min_lr=cfg.lr, warmup_steps=0, decay="constant")
+    optimizer = build_optimizer(model, optim)
+    scheduler = build_scheduler(optimizer, optim, cfg.steps)
     blocks = corpus_blocks(build_toy_tokenizer(cfg.family), cfg.seq_length)
     say = print if env.rank == 0 else (lambda *a, **k: None)
     n_params = sum(p.numel() for p in model.parameters())
@@ -122,10 +125,15 @@ def run(cfg: QuickstartConfig) -> list[float]:
     for step in range(cfg.steps):
         start = time.perf_counter()
         microbatches = step_microbatches(blocks, step, cfg, ps.get_data_parallel_rank(), dp, device)
+        optimizer.zero_grad()
         result = forward_backward(model, lm_forward_step, microbatches, seq_length=cfg.seq_length)
-        ok, grad_norm, _ = optimizer.step()
-        if not ok:
-            raise FloatingPointError(f"step {step}: non-finite gradients; the update was skipped")
+        update = optimizer_step(
+            optimizer,
+            scheduler,
+            loss=result.loss,
+            explain_failure=lambda loss, norm, step=step: f"step {step}: loss {loss}, norm {norm}",
+        )
+        grad_norm = update.grad_norm
         losses.append(result.loss)
         rate = result.num_tokens / (time.perf_counter() - start)
         say(

@@ -30,13 +30,18 @@ def ar_recipe(base: ModelRecipe, extraction_layer: int) -> ModelRecipe:
     )
 
 
-def build_av(recipe: ModelRecipe, *, hf_dir: str | Path | None = None, ckpt_dir=None):
-    """This rank's AV stage, loaded from `hf_dir` (HF base) or `ckpt_dir` (nla-mcore)."""
+def build_av(
+    recipe: ModelRecipe, *, hf_dir: str | Path | None = None, ckpt_dir=None, empty: bool = False
+):
+    """This rank's AV stage, loaded from `hf_dir` (HF base) or `ckpt_dir` (nla-mcore), or
+    `empty` (uninitialised weights for the caller to load, e.g. a training checkpoint)."""
     from nla_mcore.converters.checkpoint import load_checkpoint
     from nla_mcore.converters.hf_to_mcore import load_hf_weights
 
-    _one_source(hf_dir, ckpt_dir)
     model = build_model(recipe, perform_initialization=False)
+    if empty:
+        return model
+    _one_source(hf_dir, ckpt_dir)
     if hf_dir is not None:
         load_hf_weights(model, hf_dir, recipe)
     else:
@@ -44,14 +49,19 @@ def build_av(recipe: ModelRecipe, *, hf_dir: str | Path | None = None, ckpt_dir=
     return model
 
 
-def build_ar(recipe: ModelRecipe, *, hf_dir: str | Path | None = None, ckpt_dir=None) -> ARModel:
-    """This rank's AR stage (`recipe` already truncated to K+1 layers, see `ar_recipe`)."""
+def build_ar(
+    recipe: ModelRecipe, *, hf_dir: str | Path | None = None, ckpt_dir=None, empty: bool = False
+) -> ARModel:
+    """This rank's AR stage (`recipe` already truncated to K+1 layers, see `ar_recipe`);
+    `empty`: uninitialised backbone and identity head, for the caller to load."""
     from nla_mcore.converters.checkpoint import load_checkpoint
     from nla_mcore.converters.hf_to_mcore import load_hf_weights
 
-    _one_source(hf_dir, ckpt_dir)
     backbone = build_model(recipe, perform_initialization=False, backbone_only=True)
     model = ARModel(backbone)
+    if empty:
+        return model
+    _one_source(hf_dir, ckpt_dir)
     if hf_dir is not None:
         load_hf_weights(backbone, hf_dir, recipe, backbone_only=True)
     else:

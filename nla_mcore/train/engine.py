@@ -1,14 +1,15 @@
-"""Thin wrappers over Megatron-Core's training machinery: DDP, schedules, optimizer.
+"""Thin wrappers over Megatron-Core's training machinery: DDP and the schedules.
 
 Nothing here re-implements Megatron-Core; it wires the pieces the same way for every trainer:
-`wrap_ddp` (gradient buffers + `finalize_model_grads` as the schedule's finalizer),
-`forward_backward` (the pipeline-aware schedule from `get_forward_backward_func`, returning the
-globally reduced token-mean loss on every rank), and `build_optimizer`.
+`wrap_ddp` (gradient buffers, overlapped bucketed reduction, the distributed optimizer's
+reduce-scatter, and `finalize_model_grads` as the schedule's finalizer) and `forward_backward`
+(the pipeline-aware schedule from `get_forward_backward_func`, returning the globally reduced
+token-mean loss on every rank).  The optimizer and its schedule are in `optim.py`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from megatron.core import parallel_state
@@ -17,21 +18,27 @@ from megatron.core.distributed import (
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 
 def wrap_ddp(
-    model: torch.nn.Module, *, grad_reduce_in_fp32: bool = True
+    model: torch.nn.Module,
+    *,
+    grad_reduce_in_fp32: bool = True,
+    distributed_optimizer: bool = False,
+    overlap_grad_reduce: bool = False,
 ) -> DistributedDataParallel:
-    """Wrap a model stage in Megatron-Core DDP and register the gradient finalizer."""
+    """Wrap a model stage in Megatron-Core DDP and register the gradient finalizer.
+
+    `distributed_optimizer` must match the optimizer's (`optim.build_optimizer`): DDP then
+    reduce-scatters the gradients instead of all-reducing them."""
     config = model.config
     ddp = DistributedDataParallel(
         config=config,
         ddp_config=DistributedDataParallelConfig(
             grad_reduce_in_fp32=grad_reduce_in_fp32,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=False,
+            overlap_grad_reduce=overlap_grad_reduce,
+            use_distributed_optimizer=distributed_optimizer,
         ),
         module=model,
     )
@@ -42,10 +49,13 @@ def wrap_ddp(
 
 @dataclass
 class StepLoss:
-    """A step's token-mean loss over the global batch and the number of tokens behind it."""
+    """A step's token-mean loss over the global batch and the number of tokens behind it;
+    `local_sums` holds this rank's (loss sum, count) per micro-batch (last pipeline stage
+    only, else empty), to name the micro-batch when a loss is not finite."""
 
     loss: float
     num_tokens: int
+    local_sums: list[tuple[float, float]] = field(default_factory=list)
 
 
 def forward_backward(
@@ -57,10 +67,17 @@ def forward_backward(
     forward_only: bool = False,
     loss_key: str = "lm_loss",
 ) -> StepLoss:
-    """Run the pipeline schedule over `microbatches`; the loss is reduced onto every rank."""
+    """Run the pipeline schedule over `microbatches`; the loss is reduced onto every rank.
+
+    Forward-only (evaluation), a data-parallel replica may have no micro-batch: it then only
+    joins the reduction."""
     if not forward_only:
         model.zero_grad_buffer()
-    outputs = _schedule(model, forward_step_func, microbatches, seq_length, forward_only)
+    if not microbatches and not forward_only:
+        raise ValueError("a training step needs at least one micro-batch")
+    outputs = []
+    if microbatches:
+        outputs = _schedule(model, forward_step_func, microbatches, seq_length, forward_only)
     return _reduce_loss(outputs, loss_key)
 
 
@@ -88,38 +105,13 @@ def _reduce_loss(outputs: list[dict], loss_key: str) -> StepLoss:
     """Sum (loss, tokens) over micro-batches, DP and CP ranks; share it along the pipeline."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for out in outputs:  # empty on all but the last pipeline stage
-        totals += out[loss_key].to(device=device, dtype=torch.float64)
+    local = [out[loss_key].to(device=device, dtype=torch.float64) for out in outputs]
+    for sums in local:  # empty on all but the last pipeline stage
+        totals += sums
     torch.distributed.all_reduce(
         totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
     )
     torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
     loss_sum, count = totals.tolist()
-    return StepLoss(loss=loss_sum / max(count, 1.0), num_tokens=int(count))
-
-
-def build_optimizer(
-    model: torch.nn.Module,
-    *,
-    lr: float,
-    weight_decay: float = 0.0,
-    betas: tuple[float, float] = (0.9, 0.95),
-    clip_grad: float = 1.0,
-):
-    """Megatron-Core's optimizer (Adam; distributed optimizer off) for one model stage."""
-    config = model.config
-    return get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=lr,
-            weight_decay=weight_decay,
-            adam_beta1=betas[0],
-            adam_beta2=betas[1],
-            clip_grad=clip_grad,
-            bf16=config.bf16,
-            fp16=config.fp16,
-            params_dtype=config.params_dtype,
-            use_distributed_optimizer=False,
-        ),
-        [model],
-    )
+    local_sums = [tuple(t.tolist()) for t in local]
+    return StepLoss(loss=loss_sum / max(count, 1.0), num_tokens=int(count), local_sums=local_sums)
