@@ -25,6 +25,26 @@ QWEN25_1P5B = dict(
 )
 
 
+# Qwen2.5-7B's width (its config.json): d 3584, 28 query / 4 KV heads, ffn 18944, vocab 152064,
+# untied embeddings.  The real model has 28 layers; benchmarks pass their own layer count.
+QWEN25_7B_WIDTH = dict(
+    model_type="qwen2",
+    architectures=["Qwen2ForCausalLM"],
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    use_sliding_window=False,
+)
+
+
 def write_random_hf_model(directory: Path, layers: int, device: str, shape=QWEN25_1P5B) -> float:
     """Random bf16 weights (norms around 1) saved by transformers as sharded safetensors;
     returns the model's size in GiB."""

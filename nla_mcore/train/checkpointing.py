@@ -121,6 +121,16 @@ class TrainedModel:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SaveReport:
+    stall_s: float
+    """Seconds `save` held the caller (including `previous_s`)."""
+    previous_s: float
+    """Of which waiting for the previous save to finish writing."""
+    committed: int | None
+    """The step of the previous save, if this call committed it."""
+
+
 class Checkpointer:
     """Saves and resumes the `TrainedModel`s of a run (every rank calls every method)."""
 
@@ -177,11 +187,15 @@ class Checkpointer:
     # --- saving --------------------------------------------------------------------------------
 
     def save(self, step: int, models: list[TrainedModel], train_state: dict, *, final=False):
-        """Save the state after `step` optimizer steps (async unless disabled or `final`)."""
+        """Save the state after `step` optimizer steps (async unless disabled or `final`).
+
+        Returns a `SaveReport`: how long the caller waited (for the previous save still in
+        flight, if any, and for the host copy of this one) and which save that wait committed."""
         from megatron.core import dist_checkpointing
 
-        self.wait()
         started = time.perf_counter()
+        committed = self.wait()
+        waited_for_previous = time.perf_counter() - started
         asynchronous = self.cfg.async_save and not final
         temp = self._shared_temp_dir(step, [m.name for m in models])
         requests = []
@@ -206,7 +220,9 @@ class Checkpointer:
             commit()
         self.saves += 1
         self.last_stall_s = time.perf_counter() - started
-        return self.last_stall_s
+        return SaveReport(
+            stall_s=self.last_stall_s, previous_s=waited_for_previous, committed=committed
+        )
 
     def poll(self) -> int | None:
         """Commit a finished background save (every rank, once per step); its step or None."""

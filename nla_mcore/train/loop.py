@@ -127,14 +127,7 @@ def _run_steps(task, ckpt, settings, metrics, result) -> None:
         if settings.eval_every and step % settings.eval_every == 0:
             result.last_eval = _evaluate(task, step, metrics)
         if every and step % every == 0:
-            stall = ckpt.save(step, task.models, task.train_state(step))
-            metrics.event(
-                step,
-                f"checkpoint step {step}: saving "
-                f"({'in the background' if ckpt.cfg.async_save else 'synchronously'}"
-                f", the step waited {stall:.2f} s)",
-                stall_s=stall,
-            )
+            _save(ckpt, task, step, metrics)
     result.complete = result.final_step == total
     if result.final_step > result.start_step:
         if settings.eval_every and result.complete:
@@ -146,6 +139,24 @@ def _run_steps(task, ckpt, settings, metrics, result) -> None:
             "run again with checkpoint.resume=auto to continue"
         )
     result.checkpoint = ckpt.root / f"step_{result.final_step:07d}"
+
+
+def _save(ckpt, task, step, metrics) -> None:
+    report = ckpt.save(step, task.models, task.train_state(step))
+    if report.committed is not None:
+        metrics.event(
+            step,
+            f"checkpoint step {report.committed} committed (the next save waited "
+            f"{report.previous_s:.2f} s for it)",
+            committed=report.committed,
+            waited_s=report.previous_s,
+        )
+    how = "in the background" if ckpt.cfg.async_save else "synchronously"
+    metrics.event(
+        step,
+        f"checkpoint step {step}: saving ({how}, the step waited {report.stall_s:.2f} s)",
+        stall_s=report.stall_s,
+    )
 
 
 def _evaluate(task, step, metrics) -> dict:

@@ -39,8 +39,9 @@ def plot_run(metrics_path: Path, out_png: Path, *, title: str) -> Path | None:
         axes[0].legend()
     _curve(axes[1], train, "lr", "learning rate")
     for ax, (key, label) in zip(axes[2:], panels, strict=True):
-        _curve(ax, evals, key, label, marker="o")
-        if key == "loss" and any("loss_shuffled" in r for r in evals):
+        shuffled = key == "loss" and any("loss_shuffled" in r for r in evals)
+        _curve(ax, evals, key, label, label="own vectors" if shuffled else None, marker="o")
+        if shuffled:
             _curve(ax, evals, "loss_shuffled", label, label="shuffled vectors", marker="x")
             ax.legend()
     fig.suptitle(title)

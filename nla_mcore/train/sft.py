@@ -253,6 +253,7 @@ def run(cfg, role: str):
     split = "ar_sft" if role == "ar" else "av_sft"
     data = _load_data(cfg, split, tokenizer, hf, source, dp)
     layer = _extraction_layer(cfg, data, source)
+    _check_layer(layer, hf, source)
     depth = layer + 1 if role == "ar" else hf.num_layers
     _check_layout(cfg, env.world_size, hf, depth, dp)
     initialize_model_parallel(cfg.parallel)
@@ -320,6 +321,14 @@ def _extraction_layer(cfg, data: SFTData, source) -> int:
     if len(set(found.values())) > 1:
         raise DataError(f"the extraction layer K disagrees: {found}")
     return next(iter(found.values()))
+
+
+def _check_layer(layer: int, hf, source) -> None:
+    if not 0 <= layer < hf.num_layers:
+        raise DataError(
+            f"the data was extracted at layer K={layer}, but {source.path} has "
+            f"{hf.num_layers} layers: the data and the model must come from the same base model"
+        )
 
 
 def _pad_multiple(cfg) -> int:

@@ -35,6 +35,11 @@ def preflight(cfg, role: str) -> None:
             "must come from the same base model"
         )
     layer = sidecar.extraction.layer_index
+    if not 0 <= layer < hf.num_layers:
+        raise DataError(
+            f"data.train_file={cfg.data.train_file} was extracted at layer K={layer}, but "
+            f"{source.path} has {hf.num_layers} layers"
+        )
     if cfg.model.extraction_layer is not None and cfg.model.extraction_layer != layer:
         raise DataError(
             f"model.extraction_layer={cfg.model.extraction_layer}, but the data was extracted at "
