@@ -23,7 +23,9 @@ import torch
 
 from bench.shapes import write_random_hf_model
 from nla_mcore.toy_tokenizers import build_toy_tokenizer, save_toy_tokenizer
+from tests.multirank import run_ranks
 from tests.train.sft_toys import sft_files
+from tests.train.sft_worker import base_overrides, sft_runs
 
 pytestmark = pytest.mark.gpu
 
@@ -61,11 +63,25 @@ def world(tmp_path_factory):
 
 def cli(role, root, data, out, *overrides):
     split = "ar_sft" if role == "ar" else "av_sft"
-    args = [sys.executable, "-m", "nla_mcore.cli", f"sft-{role}", f"model.source={root / 'hf'}",
-            f"data.train_file={data[split]}", f"output_dir={out}", "device=cuda",
-            "logging.progress=false", *overrides]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    args = [
+        sys.executable,
+        "-m",
+        "nla_mcore.cli",
+        f"sft-{role}",
+        f"model.source={root / 'hf'}",
+        f"data.train_file={data[split]}",
+        f"output_dir={out}",
+        "device=cuda",
+        "logging.progress=false",
+        *overrides,
+    ]
+    proc = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout
 
@@ -80,20 +96,32 @@ def records(out, kind):
 
 
 STAGES = {
-    "ar": ["train.global_batch_size=64", "train.micro_batch_size=32", "optim.lr=3e-4",
-           "optim.warmup_steps=10", "train.eval_every=100", "data.eval_fraction=0.1"],
-    "av": ["train.global_batch_size=32", "train.micro_batch_size=16", "optim.lr=3e-4",
-           "optim.warmup_steps=10", "train.eval_every=100", "data.eval_fraction=0.1"],
+    "ar": [
+        "train.global_batch_size=64",
+        "train.micro_batch_size=32",
+        "optim.lr=3e-4",
+        "optim.warmup_steps=10",
+        "train.eval_every=100",
+        "data.eval_fraction=0.1",
+    ],
+    "av": [
+        "train.global_batch_size=32",
+        "train.micro_batch_size=16",
+        "optim.lr=3e-4",
+        "optim.warmup_steps=10",
+        "train.eval_every=100",
+        "data.eval_fraction=0.1",
+    ],
 }
 
 
 @pytest.mark.parametrize("role", ["ar", "av"])
-def test_hundreds_of_bf16_steps_checkpoint_resume_and_export(world, role):
+def test_200_steps_with_checkpoint_resume_and_export(world, role):
     """200 bf16 steps in two runs (stop after 100, resume), then the HF export: the held-out
     metric improves, and the resumed run continues the step count."""
     root, data = world
     out = root / f"{role}_200"
-    common = [*STAGES[role], "train.steps=200", "checkpoint.every=50", "model.dtype=bfloat16"]
+    common = [*STAGES[role], "train.steps=200", "checkpoint.every=100", "model.dtype=bfloat16"]
     cli(role, root, data, out, *common, "train.stop_after=100")
     log = cli(role, root, data, out, *common)
     print(log[-1500:])
@@ -110,19 +138,39 @@ def test_hundreds_of_bf16_steps_checkpoint_resume_and_export(world, role):
     assert (out / "hf" / "config.json").is_file() and (out / "hf" / "nla_meta.yaml").is_file()
 
 
-@pytest.mark.parametrize("role", ["ar", "av"])
-def test_bf16_curve_tracks_fp32(world, role):
+def test_bfloat16_curve_tracks_float32(world):
+    """20 steps of each stage in fp32 and in bf16 (one spawn, in-process runs)."""
     root, data = world
-    curves = {}
-    for dtype in ("float32", "bfloat16"):
-        out = root / f"{role}_{dtype}"
-        cli(role, root, data, out, *STAGES[role], "train.steps=20", "train.eval_every=0",
-            "optim.lr=1e-4", "optim.warmup_steps=2", "optim.decay=constant", "checkpoint.every=0",
-            "export.enabled=false", f"model.dtype={dtype}")
-        curves[dtype] = [r["loss"] for r in records(out, "train")]
-    fp32, bf16 = curves["float32"], curves["bfloat16"]
-    deviation = max(abs(b - f) / f for f, b in zip(fp32, bf16, strict=True))
-    print(f"{role}: fp32 {fp32[0]:.4f} -> {fp32[-1]:.4f}; max relative bf16 deviation "
-          f"{deviation:.4f}")
-    assert (fp32[0] - fp32[-1]) / fp32[0] > 5 * BF16_BOUND, fp32
-    assert deviation < BF16_BOUND, (fp32, bf16)
+    jobs = []
+    for role in ("ar", "av"):
+        for dtype in ("float32", "bfloat16"):
+            out = root / f"{role}_{dtype}"
+            jobs.append(
+                (
+                    role,
+                    [
+                        *base_overrides(root / "hf", data, out, role),
+                        "device=cuda",
+                        *STAGES[role],
+                        "train.steps=20",
+                        "train.eval_every=0",
+                        "optim.lr=1e-4",
+                        "optim.warmup_steps=2",
+                        "optim.decay=constant",
+                        f"model.dtype={dtype}",
+                    ],
+                )
+            )
+    (results,) = run_ranks(sft_runs, 1, jobs)
+    for role, (fp32_run, bf16_run) in zip(
+        ("ar", "av"), zip(results[::2], results[1::2], strict=True), strict=True
+    ):
+        fp32 = [r["loss"] for r in fp32_run["train"]]
+        bf16 = [r["loss"] for r in bf16_run["train"]]
+        deviation = max(abs(b - f) / f for f, b in zip(fp32, bf16, strict=True))
+        print(
+            f"{role}: fp32 {fp32[0]:.4f} -> {fp32[-1]:.4f}; max relative bf16 deviation "
+            f"{deviation:.4f}"
+        )
+        assert (fp32[0] - fp32[-1]) / fp32[0] > 5 * BF16_BOUND, (role, fp32)
+        assert deviation < BF16_BOUND, (role, fp32, bf16)

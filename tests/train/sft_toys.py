@@ -112,10 +112,16 @@ SHORT_AV_TEMPLATE = "Describe the vector <concept>{injection_char}</concept> in 
 
 
 def sft_files(
-    directory: Path, tokenizer, n: int = 96, *, seed: int = 0, av_template: str = SHORT_AV_TEMPLATE
+    directory: Path,
+    tokenizer,
+    n: int = 96,
+    *,
+    seed: int = 0,
+    d: int = D_MODEL,
+    av_template: str = SHORT_AV_TEMPLATE,
 ) -> dict[str, Path]:
     """{stage: path} of av_sft.parquet and ar_sft.parquet built from the toy world."""
-    src = explained_split(directory / "explained.parquet", tokenizer, n, seed=seed)
+    src = explained_split(directory / "explained.parquet", tokenizer, n, seed=seed, d=d)
     cfg = BuildConfig(progress=False, activation_shuffle_baseline=False, av_template=av_template)
     out = {}
     for stage in ("av_sft", "ar_sft"):
