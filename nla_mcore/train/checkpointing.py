@@ -142,6 +142,8 @@ class Checkpointer:
         self.queue = AsyncCallsQueue(persistent=False)
         self.strategies: dict[str, Any] = {}
         self.pending_step: int | None = None
+        self.pending_call: int | None = None
+        """The queue index of the in-flight save's last request (the one that commits)."""
         self.saves = 0
         self.last_stall_s = 0.0
         if cfg.async_save:
@@ -212,9 +214,9 @@ class Checkpointer:
         save_rng_state(temp / "rng")
         commit = partial(self._commit, temp, step, self._files_to_write(models, step, train_state))
         if asynchronous:
-            requests[-1].add_finalize_fn(commit)
+            requests[-1].add_finalize_fn(commit)  # the queue finalizes in order: runs last
             for request in requests:
-                self.queue.schedule_async_request(_with_write_delay(request))
+                self.pending_call = self.queue.schedule_async_request(_with_write_delay(request))
             self.pending_step = step
         else:
             commit()
@@ -226,8 +228,10 @@ class Checkpointer:
 
     def poll(self) -> int | None:
         """Commit a finished background save (every rank, once per step); its step or None."""
-        if self.pending_step is None or not self.queue.maybe_finalize_async_calls(blocking=False):
+        if self.pending_step is None:
             return None
+        if self.pending_call not in self.queue.maybe_finalize_async_calls(blocking=False):
+            return None  # (with several models, the earlier ones may be done already)
         return self._committed()
 
     def wait(self) -> int | None:

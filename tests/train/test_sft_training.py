@@ -31,6 +31,8 @@ LAYOUTS = {
     "dp2": [],  # the distributed optimizer shards over the two DP ranks
 }
 ROLES = ("ar", "av")
+# held-out evaluation before training, at step 3 and at the end (forward-only schedules too)
+EVAL = ["data.eval_fraction=0.25", f"train.eval_every={HALF}"]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def runs(world):
     second = [("resumed", r) for r in ROLES] + [("dp2_to_dp1", "ar")]
     results = {}
     for specs, ranks in ((first, 1), (two, 2), (second, 1)):
-        jobs = [job(world, role, name, *extra) for name, role, *extra in specs]
+        jobs = [job(world, role, name, *EVAL, *extra) for name, role, *extra in specs]
         for (name, role, *_), metrics in zip(
             specs, run_ranks(sft_runs, ranks, jobs)[0], strict=True
         ):
@@ -72,6 +74,12 @@ def curve(metrics, key):
     return [r[key] for r in metrics["train"]]
 
 
+def evaluations(metrics) -> dict[int, dict]:
+    """{step: {metric: value}} of a run's held-out evaluations."""
+    skip = {"kind", "step", "time"}
+    return {r["step"]: {k: v for k, v in r.items() if k not in skip} for r in metrics["eval"]}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("role", ROLES)
 def test_resumed_run_is_bit_identical(runs, role):
@@ -81,6 +89,9 @@ def test_resumed_run_is_bit_identical(runs, role):
     assert [r["step"] for r in resumed["train"]] == list(range(1, STEPS + 1))
     for key in ("loss", "lr", "grad_norm"):
         assert curve(resumed, key) == curve(ref, key), key
+    ref_evals, resumed_evals = evaluations(ref), evaluations(resumed)
+    assert sorted(ref_evals) == [0, HALF, STEPS] and sorted(resumed_evals) == [0, STEPS]
+    assert resumed_evals[STEPS] == ref_evals[STEPS]
 
 
 @pytest.mark.slow
@@ -101,6 +112,10 @@ def test_layout_matches_one_rank(runs, role, layout):
     assert curve(got, "lr") == curve(ref, "lr")
     assert curve(got, "loss") == pytest.approx(curve(ref, "loss"), rel=1e-5)
     assert curve(got, "grad_norm") == pytest.approx(curve(ref, "grad_norm"), rel=1e-4)
+    ref_evals, got_evals = evaluations(ref), evaluations(got)
+    assert sorted(got_evals) == sorted(ref_evals) == [0, HALF, STEPS]
+    for step, values in ref_evals.items():
+        assert got_evals[step] == pytest.approx(values, rel=1e-5, abs=1e-6), step
 
 
 @pytest.fixture(scope="module")
