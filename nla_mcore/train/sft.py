@@ -71,13 +71,16 @@ class ARStage:
         return train_flops(hf, lengths, num_layers=depth, lm_head=False, extra_params=d * d)
 
     def eval_metrics(self, task: SFTTask) -> dict:
+        """Held-out mse_nrm, its mean cos, and FVE against the rawvar baseline (eval.scores)."""
+        from nla_mcore.eval.scores import fve
+
         mse = task.eval_loss()
         d = task.hf.hidden_size
         scale = self.mse_scale or math.sqrt(d)
         return {
             "mse_nrm": mse,
-            "fve": 1.0 - mse / task.eval_rawvar(scale),
-            "cos": 1.0 - mse * d / (2 * scale**2),
+            "fve": fve(mse, task.data.eval.vectors_ND, scale, "rawvar"),
+            "cos": 1.0 - mse * d / (2 * scale**2),  # mse_nrm = 2 s^2 (1 - cos) / d
         }
 
 
@@ -200,13 +203,6 @@ class SFTTask:
                 loss_key=self.stage.loss_key,
             )
         return result.loss
-
-    def eval_rawvar(self, scale: float) -> float:
-        """FVE's denominator: the variance of the normalised held-out vectors about their mean
-        (the `rawvar` baseline of NLA.md)."""
-        v = self.data.eval.vectors_ND.astype(np.float64)
-        v_hat = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12) * scale
-        return float(((v_hat - v_hat.mean(axis=0)) ** 2).mean())
 
     def _microbatches(self, data, plan, vectors_ND=None) -> list[dict]:
         return [
