@@ -5,7 +5,8 @@ see `nla_mcore.config`); the CLI validates the config *before* launching ranks, 
 in a second with the key named, then hands the same arguments to the rank program (through
 torchrun when several local ranks are asked for).  `nla-mcore <verb> --help` lists every key.
 
-`convert` takes flags (`--hf/--ckpt/--out/--tp/--pp`), as checkpoint tools conventionally do.
+`convert` takes flags (`--hf/--ckpt/--out/--tp/--pp`), as checkpoint tools conventionally do;
+`explain` takes flags too (`--av/--ar/--parquet/--rows`): it runs in this process, on one device.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ CONFIG_VERBS: dict[str, ConfigVerb] = {
 }
 
 CONVERT_SUMMARY = "convert checkpoints: hf-to-mcore (HF -> dist-checkpoint), mcore-to-hf (export)"
+EXPLAIN_SUMMARY = "explain a parquet's vectors with an exported AV, score them with an AR"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help=CONVERT_SUMMARY, description=CONVERT_SUMMARY)
     convert.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"])
     convert.add_argument("args", nargs=argparse.REMAINDER, help="see `convert <direction> --help`")
+    explain = sub.add_parser("explain", help=EXPLAIN_SUMMARY, add_help=False)
+    explain.add_argument("args", nargs=argparse.REMAINDER, help="see `explain --help`")
     return parser
 
 
@@ -152,6 +156,11 @@ def _run_convert(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["explain"]:  # its own flags, --help included (argparse.REMAINDER drops it)
+        from nla_mcore.inference.explain import main as explain_main
+
+        return explain_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.verb == "convert":
         return _run_convert(args)

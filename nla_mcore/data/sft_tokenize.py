@@ -160,7 +160,7 @@ def tokenize_av(
         chat = _with_marker(messages, tokens.injection_char)
         key = repr(chat)
         if key not in templates:
-            templates[key] = _prompt_and_end_of_turn(tokenizer, chat, rows.describe_row(i))
+            templates[key] = prompt_and_end_of_turn(tokenizer, chat, rows.describe_row(i))
         prompt_ids, end_of_turn = templates[key]
         problem = _marker_problem(prompt_ids, tokens)
         if problem:
@@ -180,7 +180,7 @@ def _with_marker(messages: list[dict], char: str) -> list[dict[str, str]]:
     ]
 
 
-def _prompt_and_end_of_turn(tokenizer, chat, where: str) -> tuple[list[int], list[int]]:
+def prompt_and_end_of_turn(tokenizer, chat, where: str) -> tuple[list[int], list[int]]:
     """The prompt's ids and the ids the template closes an assistant turn with."""
     prompt_ids = prompts.chat_prompt_ids(tokenizer, chat)
     probe = chat + [{"role": "assistant", "content": _PROBE_REPLY}]
