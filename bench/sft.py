@@ -772,7 +772,13 @@ def run_checkpoint_phase(
 
     root = Path(args.ckpt_dir)
     needed, free = checkpoint_bytes(model_dir), shutil.disk_usage(root).free
-    where = dict(dir=str(root), every=args.ckpt_every, steps=args.ckpt_steps, shape=shape.name)
+    where = dict(
+        dir=str(root),
+        every=args.ckpt_every,
+        steps=args.ckpt_steps,
+        shape=shape.name,
+        settings=list(args.ckpt_set),
+    )
     if free < 1.1 * needed:
         return dict(
             where,
@@ -782,7 +788,7 @@ def run_checkpoint_phase(
     out_dir = Path(tempfile.mkdtemp(prefix="bench_sft_ckpt_", dir=root))
     overrides = ours_overrides(
         model_dir, data_file, out_dir, STAGES["av"], settings, args.ckpt_steps
-    ) + [f"checkpoint.every={args.ckpt_every}", "checkpoint.async_save=true"]
+    ) + [f"checkpoint.every={args.ckpt_every}", "checkpoint.async_save=true", *args.ckpt_set]
     try:
         with recorded_checkpoints(skip_final=False, prune_before_save=True) as log:
             run_ours("av", overrides)
@@ -973,6 +979,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--ckpt-dir", default="/tmp", help="local disk for its checkpoints")
     parser.add_argument("--ckpt-every", type=int, default=None, help="save every (4; smoke 1)")
+    parser.add_argument(
+        "--ckpt-set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config for the checkpoint phase, e.g. checkpoint.pinned_register_threads=0",
+    )
     parser.add_argument("--ckpt-steps", type=int, default=None, help="its steps (12; smoke 3)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, fp32")
     parser.add_argument("--json", default=None, help="rows as JSON (default $OUT/bench-sft.json)")

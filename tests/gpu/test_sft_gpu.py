@@ -4,16 +4,23 @@ a resume and the export; and the bf16 curve against the fp32 one.
 The model is a Qwen2.5-0.5B-shaped stack (d 896, 14/2 heads, ffn 4864, vocab 151936, tied;
 8 of its 24 layers, random weights) on the learnable toy world of tests/train/sft_toys.py.
 
-bf16 bound: with fp32 main params (the optimizer's) the bf16 run differs from the fp32 run
-only by bf16 rounding of weights and activations (8-bit mantissa: ~0.4 % per rounding), which
-grows slowly over steps; the bound below is 2 % relative per step over 20 steps at lr 1e-4,
-while the fp32 loss itself falls by far more than that in those steps, so a bf16 path that
-loses updates (bf16 master weights, a wrong loss scale) leaves the band.
+bf16 bounds: with fp32 main params (the optimizer's) the bf16 run differs from the fp32 run
+only by bf16 rounding of weights and activations (8-bit mantissa: ~0.4 % per rounding).  Step
+1 sees the same weights, so its loss must agree within 1 %.  After that the bf16 run lags: an
+update smaller than half a bf16 ulp of its weight (|w|/256) reaches the bf16 copy only once the
+fp32 main param has moved that far.  Adam's steps are ~lr = 1e-4: lost for matrix entries above
+0.026 (std 0.02 here), and for every norm weight (~1: half an ulp is 0.004, some 40 steps)
+(measured on an H200, 2026-12-04: the AR's loss 1.97 -> 0.036 in 20 steps
+in fp32, the bf16 curve up to 19 % above it near the end, where a small lag is a large ratio).
+So the curve is compared on the log scale, as progress: the bf16 run must make at least 80 %
+of the fp32 run's progress in log-loss.  A bf16 path that loses updates for good (bf16 master
+weights) stays near its first loss; one that computes the loss wrongly fails the step-1 check.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -46,7 +53,8 @@ QWEN25_0P5B = dict(
     use_sliding_window=False,
 )
 LAYERS = 8
-BF16_BOUND = 0.02
+FIRST_STEP_BOUND = 0.01  # relative, step 1
+PROGRESS_BOUND = 0.8  # bf16's share of fp32's progress in log-loss
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +175,13 @@ def test_bfloat16_curve_tracks_float32(world):
     ):
         fp32 = [r["loss"] for r in fp32_run["train"]]
         bf16 = [r["loss"] for r in bf16_run["train"]]
-        deviation = max(abs(b - f) / f for f, b in zip(fp32, bf16, strict=True))
+        first = abs(bf16[0] - fp32[0]) / fp32[0]
+        progress = math.log(bf16[0] / bf16[-1]) / math.log(fp32[0] / fp32[-1])
         print(
-            f"{role}: fp32 {fp32[0]:.4f} -> {fp32[-1]:.4f}; max relative bf16 deviation "
-            f"{deviation:.4f}"
+            f"{role}: step-1 relative difference {first:.4f}; bf16 makes {progress:.3f} of "
+            f"fp32's log-loss progress\n  fp32 {[round(x, 4) for x in fp32]}\n"
+            f"  bf16 {[round(x, 4) for x in bf16]}"
         )
-        assert (fp32[0] - fp32[-1]) / fp32[0] > 5 * BF16_BOUND, (role, fp32)
-        assert deviation < BF16_BOUND, (role, fp32, bf16)
+        assert fp32[-1] < 0.5 * fp32[0], (role, fp32)  # there is progress to compare
+        assert first < FIRST_STEP_BOUND, (role, fp32[0], bf16[0])
+        assert progress > PROGRESS_BOUND, (role, fp32, bf16)
