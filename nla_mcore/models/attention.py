@@ -134,8 +134,14 @@ class SDPAttention(MegatronModule):
         if cp_size > 1:
             k_KBGH = gather_from_sequence_parallel_region(k_KBGH.contiguous(), True, self.cp_group)
             v_KBGH = gather_from_sequence_parallel_region(v_KBGH.contiguous(), True, self.cp_group)
-        mask_SK = self._mask(q_SBNH.shape[0], cp_size, q_SBNH.device)
-        out_BNSH = self._sdpa(q_SBNH, k_KBGH, v_KBGH, mask_SK)
+        if k_KBGH.shape[0] != q_SBNH.shape[0] * cp_size:  # generation with a KV cache
+            if cp_size > 1:
+                raise NotImplementedError("KV-cached generation under context parallelism")
+            mask_SK, causal = self._cached_mask(q_SBNH.shape[0], k_KBGH.shape[0], q_SBNH.device)
+        else:
+            mask_SK = self._mask(q_SBNH.shape[0], cp_size, q_SBNH.device)
+            causal = mask_SK is None
+        out_BNSH = self._sdpa(q_SBNH, k_KBGH, v_KBGH, mask_SK, causal)
         s, b = q_SBNH.shape[:2]
         return out_BNSH.permute(2, 0, 1, 3).reshape(s, b, -1)
 
@@ -151,12 +157,21 @@ class SDPAttention(MegatronModule):
         )
         return causal_window_mask(q_pos, k_pos, self.window)
 
-    def _sdpa(self, q_SBNH, k_KBGH, v_KBGH, mask_SK) -> torch.Tensor:
+    def _cached_mask(self, q_len: int, k_len: int, device) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) when the queries are the last `q_len` of `k_len` cached positions
+        (SDPA's own causal mask is aligned to the first key, which is right only when
+        q_len == k_len).  One query without a window sees every key: no mask at all."""
+        if q_len == 1 and (self.window is None or self.window >= k_len):
+            return None, False
+        q_pos = torch.arange(k_len - q_len, k_len, device=device)
+        return causal_window_mask(q_pos, torch.arange(k_len, device=device), self.window), False
+
+    def _sdpa(self, q_SBNH, k_KBGH, v_KBGH, mask_SK, causal: bool) -> torch.Tensor:
         q_BNSH, k_BGKH, v_BGKH = (t.permute(1, 2, 0, 3) for t in (q_SBNH, k_KBGH, v_KBGH))
         dropout_p = self.dropout_p if self.training else 0.0
         kwargs = dict(
             attn_mask=mask_SK,
-            is_causal=mask_SK is None,
+            is_causal=causal,
             scale=self.softmax_scale,
             enable_gqa=q_BNSH.shape[1] != k_BGKH.shape[1],
         )
