@@ -83,6 +83,8 @@ class NativeEngine:
         stop_ids = torch.tensor(list(params.stop_ids) or [-1], device=device)
         was_training = self.model.training
         self.model.eval()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # the rollout's own peak (stats)
         started = time.perf_counter()
         try:
             with torch.no_grad():
