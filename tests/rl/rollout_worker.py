@@ -77,6 +77,7 @@ def engine_rank(hf_dir: str, parallel: dict, runs: list[dict], device: str = "cp
     set_seed(0)
     recipe = make_recipe(load_hf_config(hf_dir), par, dtype="float32", backend="local")
     model = build_av(recipe, hf_dir=hf_dir)
+    MODEL[:] = [model]
     model.train()  # as in the trainer; the engine must put it back so
     engine = NativeEngine(model, vocab_size=recipe.hf.vocab_size)
     batch_sizes = []  # of every forward: the prefill must run B rows, not B*n
@@ -101,6 +102,10 @@ def engine_rank(hf_dir: str, parallel: dict, runs: list[dict], device: str = "cp
             stats=out.stats,
             training=model.training,
         )
+        if run.get("recompute"):  # the trainer's own pass (vocab-parallel log-prob kernel)
+            trainer = trainer_logprobs(virtual_BS, table_BD, out, run["params"])
+            if ps.is_pipeline_last_stage():
+                result["trainer"] = trainer
         if run.get("recompute"):  # every stage takes part; the last one has the result
             recomputed = teacher_forced_logprobs(
                 model, virtual_BS, table_BD, out, run["params"], recipe.hf.vocab_size
@@ -110,6 +115,22 @@ def engine_rank(hf_dir: str, parallel: dict, runs: list[dict], device: str = "cp
         # numpy, not tensors: a tensor's shared-memory handle can outlive the rank process
         results.append({k: v.numpy() if torch.is_tensor(v) else v for k, v in result.items()})
     return results  # every rank holds the whole rollout (the recompute: the last stage)
+
+
+def trainer_logprobs(virtual_BS, table_BD, out, params) -> torch.Tensor | None:
+    """[N, T] from `rl.policy`'s forward step (what a GRPO step uses), on the last stage."""
+    from functools import partial
+
+    from nla_mcore.rl.policy import response_logprobs_forward_step, rollout_microbatch
+    from nla_mcore.train.engine import forward_collect
+
+    batch = rollout_microbatch(virtual_BS, table_BD, out, params.n)
+    step = partial(response_logprobs_forward_step, temperature=params.temperature)
+    got = forward_collect(MODEL[0], step, [batch], seq_length=batch["tokens"].shape[1])
+    return got[0].cpu() if got else None
+
+
+MODEL: list = []  # this rank's model, for trainer_logprobs
 
 
 def teacher_forced_logprobs(model, virtual_BS, table_BD, out, params, vocab) -> torch.Tensor:
@@ -144,3 +165,78 @@ def teacher_forced_logprobs(model, virtual_BS, table_BD, out, params, vocab) -> 
     ]
     alive_NT = torch.arange(t)[None, :] < out.lengths_N.cpu()[:, None]
     return torch.where(alive_NT, logprobs_NT, 0.0)
+
+
+def grpo_step_rank(hf_dir: str, parallel: dict, kl_kind: str) -> dict:
+    """One GRPO update of the AV on its own rollouts (two micro-batches), at `parallel`:
+    the schedule's loss, the independent GRPO maths on the teacher-forced log-probs, the
+    gradient norm, and whether the next rollout sees the update."""
+    from functools import partial
+
+    from nla_mcore.models.build import make_recipe
+    from nla_mcore.models.hf_config import load_hf_config
+    from nla_mcore.models.injection import inject
+    from nla_mcore.models.nla import build_av
+    from nla_mcore.rl import grpo
+    from nla_mcore.rl.policy import LOSS_KEY, grpo_forward_step, rollout_microbatch
+    from nla_mcore.rl.rollout import NativeEngine, SamplingParams
+    from nla_mcore.runtime.distributed import init_distributed, set_seed
+    from nla_mcore.runtime.parallel import ParallelConfig, initialize_model_parallel
+    from nla_mcore.train.engine import forward_backward, wrap_ddp
+    from nla_mcore.train.optim import OptimConfig, build_optimizer, build_scheduler, optimizer_step
+
+    init_distributed("cpu")
+    par = ParallelConfig(**parallel)
+    initialize_model_parallel(par)
+    set_seed(0)
+    recipe = make_recipe(load_hf_config(hf_dir), par, dtype="float32", backend="local")
+    model = wrap_ddp(build_av(recipe, hf_dir=hf_dir), distributed_optimizer=True)
+    MODEL[:] = [model]
+    cfg = OptimConfig(lr=1e-3, warmup_steps=0, decay="constant", clip_grad=0.0)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=2)
+    engine = NativeEngine(model, vocab_size=recipe.hf.vocab_size)
+
+    vectors = torch.randn(2, recipe.hf.hidden_size, generator=torch.Generator().manual_seed(0)) * 5
+    tokens, meta, _ = prompts(Path(hf_dir), vectors)
+    virtual, table = inject(
+        tokens,
+        vectors,
+        tokens=meta,
+        vocab_size=recipe.hf.vocab_size,
+        injection_scale=INJECTION_SCALE,
+    )
+    params = SamplingParams(max_new_tokens=6, temperature=0.8, n=3, seed=3)
+    out = engine.generate(virtual, table, params)
+    rewards = -(out.tokens_NT.float().mean(dim=1) % 7)  # any fixed function of the samples
+    advantages = grpo.group_advantages(rewards, params.n)
+    old = out.logprobs_NT
+    ref = old - 0.1 * torch.arange(old.shape[1])[None, :]  # a reference that differs
+    microbatches = []
+    for rows in (slice(0, 3), slice(3, 6)):
+        mb = rollout_microbatch(virtual, table, out, params.n, rows=rows)
+        mb.update(old_logprobs=old[rows], ref_logprobs=ref[rows], advantages=advantages[rows])
+        microbatches.append(mb)
+    step = partial(
+        grpo_forward_step, temperature=params.temperature, clip=0.2, kl_coef=0.05, kl_kind=kl_kind
+    )
+    optimizer.zero_grad()
+    loss = forward_backward(
+        model, step, microbatches, seq_length=microbatches[0]["tokens"].shape[1], loss_key=LOSS_KEY
+    )
+    teacher = teacher_forced_logprobs(model, virtual, table, out, params, recipe.hf.vocab_size)
+    expected = None
+    if teacher is not None:
+        mask = torch.arange(old.shape[1])[None, :] < out.lengths_N[:, None]
+        policy, _ = grpo.policy_loss(teacher, old, advantages, mask)
+        expected = float(policy + 0.05 * grpo.kl_penalty(teacher, ref, mask, kl_kind))
+    update = optimizer_step(
+        optimizer, scheduler, loss=loss.loss, explain_failure=lambda v, n: f"non-finite {v} {n}"
+    )
+    after = engine.generate(virtual, table, params)
+    return dict(
+        loss=loss.loss,
+        expected=expected,
+        grad_norm=update.grad_norm,
+        samples_changed=not torch.equal(after.logprobs_NT, out.logprobs_NT),
+    )
