@@ -24,46 +24,16 @@ from nla_mcore.eval.scores import cosine, fve, mse_nrm
 from nla_mcore.inference.client import NLAClient
 from nla_mcore.inference.critic import NLACritic
 from nla_mcore.prompts import ar_prompt_ids
-from nla_mcore.toy_tokenizers import build_toy_tokenizer
-from tests.converters.convert_worker import make_hf_model
 from tests.inference.megatron_reference import ar_predictions, greedy_explanations
 from tests.multirank import run_ranks
-from tests.train.sft_toys import TOPICS, sft_files, toy_world
-from tests.train.sft_worker import base_overrides, sft_runs
+from tests.train.sft_toys import TOPICS, toy_world
 
 pytestmark = pytest.mark.slow
-TRAIN = [
-    "optim.lr=3e-3",
-    "optim.decay=constant",
-    "train.global_batch_size=16",
-    "train.micro_batch_size=8",
-    "export.enabled=true",
-]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """An AR (40 steps) and an AV (100 steps) on the toy world, exported; one spawn (~25 s)."""
-    root = tmp_path_factory.mktemp("inference")
-    model = make_hf_model("qwen2", root / "hf")
-    data = sft_files(root / "data", build_toy_tokenizer("qwen2"))
-    jobs = [
-        ("ar", [*base_overrides(model, data, root / "ar", "ar"), *TRAIN, "train.steps=40"]),
-        ("av", [*base_overrides(model, data, root / "av", "av"), *TRAIN, "train.steps=100"]),
-    ]
-    run_ranks(sft_runs, 1, jobs)
-
-    def checkpoint(role):
-        return str(sorted((root / role / "checkpoints").glob("step_*"))[-1] / role)
-
-    return dict(
-        root=root,
-        data=data,
-        av=root / "av" / "hf",
-        ar=root / "ar" / "hf",
-        av_ckpt=checkpoint("av"),
-        ar_ckpt=checkpoint("ar"),
-    )
+def trained(sft_pair):
+    return sft_pair
 
 
 def explain(trained, parquet, *flags) -> int:

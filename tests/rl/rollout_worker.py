@@ -240,3 +240,74 @@ def grpo_step_rank(hf_dir: str, parallel: dict, kl_kind: str) -> dict:
         grad_norm=update.grad_norm,
         samples_changed=not torch.equal(after.logprobs_NT, out.logprobs_NT),
     )
+
+
+def grpo_learning_rank(av_ckpt: str, ar_ckpt: str, vectors, steps: int, settings: dict) -> list:
+    """`steps` GRPO updates of an SFT'd toy AV/AR pair on `vectors` (B at a time); metrics."""
+    from transformers import AutoTokenizer
+
+    from nla_mcore import prompts as nla_prompts
+    from nla_mcore.data.sft_tokenize import prompt_and_end_of_turn
+    from nla_mcore.models.build import make_recipe
+    from nla_mcore.models.hf_config import load_hf_config
+    from nla_mcore.models.nla import ar_recipe, build_ar, build_av
+    from nla_mcore.rl.reference import ReferencePolicy
+    from nla_mcore.rl.rollout import NativeEngine
+    from nla_mcore.rl.step import GRPOSettings, NLAPair, grpo_step
+    from nla_mcore.runtime.distributed import init_distributed, set_seed
+    from nla_mcore.runtime.parallel import ParallelConfig, initialize_model_parallel
+    from nla_mcore.sidecar import read_model_sidecar
+    from nla_mcore.train.checkpointing import TrainedModel
+    from nla_mcore.train.engine import wrap_ddp
+    from nla_mcore.train.optim import OptimConfig, build_optimizer, build_scheduler
+
+    init_distributed("cpu")
+    par = ParallelConfig()
+    initialize_model_parallel(par)
+    set_seed(0)
+    hf_dir = f"{av_ckpt}/hf"
+    recipe = make_recipe(load_hf_config(hf_dir), par, dtype="float32", backend="local")
+    sidecar = read_model_sidecar(Path(av_ckpt).parent.parent.parent / "hf")
+    ar_sidecar = read_model_sidecar(Path(ar_ckpt).parent.parent.parent / "hf")
+
+    def trained(name, model, lr):
+        model = wrap_ddp(model, distributed_optimizer=True)
+        cfg = OptimConfig(lr=lr, min_lr=min(lr, 2e-6), warmup_steps=0, decay="constant")
+        opt = build_optimizer(model, cfg)
+        return TrainedModel(
+            name=name,
+            model=model,
+            optimizer=opt,
+            scheduler=build_scheduler(opt, cfg, steps),
+            recipe=recipe,
+            sidecar=None,
+            hf_dir=Path(hf_dir),
+        )
+
+    av = trained("av", build_av(recipe, ckpt_dir=av_ckpt), settings.pop("av_lr"))
+    k = ar_sidecar.extraction_layer_index
+    ar = trained("ar", build_ar(ar_recipe(recipe, k), ckpt_dir=ar_ckpt), settings.pop("ar_lr"))
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    chat = nla_prompts.av_messages(sidecar.tokens.injection_char, sidecar.prompt_templates.av)
+    prompt_ids, end_of_turn = prompt_and_end_of_turn(tok, chat, "toy")
+    pair = NLAPair(
+        av=av,
+        ar=ar,
+        engine=NativeEngine(av.model, vocab_size=recipe.hf.vocab_size),
+        reference=ReferencePolicy(av.model),
+        tokenizer=tok,
+        prompt_ids=prompt_ids,
+        tokens=sidecar.tokens,
+        injection_scale=sidecar.extraction.injection_scale,
+        ar_template=ar_sidecar.prompt_templates.ar,
+        mse_scale=ar_sidecar.extraction.mse_scale,
+        stop_ids=tuple(end_of_turn[-1:]),
+        vocab_size=recipe.hf.vocab_size,
+    )
+    cfg = GRPOSettings(**settings)
+    batch = 4  # vectors per step
+    out = []
+    for step in range(1, steps + 1):
+        start = ((step - 1) * batch) % len(vectors)
+        out.append(grpo_step(pair, vectors[start : start + batch], step, cfg))
+    return out
