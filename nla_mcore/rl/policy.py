@@ -85,12 +85,14 @@ def grpo_forward_step(
 def _forward(microbatch: dict, model):
     """The model's output: vocab-parallel logits [N, L, V/tp] on the last pipeline stage, the
     hidden states for the next stage elsewhere (the schedule sends them on)."""
-    local = get_batch_on_this_cp_rank({k: microbatch[k] for k in SEQUENCE_KEYS})
+    device = next(model.parameters()).device
+    local = get_batch_on_this_cp_rank({k: microbatch[k].to(device) for k in SEQUENCE_KEYS})
+    injection = microbatch.get("injection")
     output = model(
         local["tokens"],
         local["position_ids"],
         None,
-        injection=microbatch.get("injection"),
+        injection=None if injection is None else injection.to(device),
         runtime_gather_output=False,
     )
     return output, local
@@ -121,10 +123,11 @@ def _response_logprobs(microbatch, local, temperature, logits_NLV, non_loss_data
 
 def _grpo_loss(microbatch, local, temperature, clip, kl_coef, kl_kind, logits_NLV):
     logp_NT, mask_NT = _response_token_logprobs(microbatch, local, temperature, logits_NLV)
-    policy, stats = grpo.policy_loss(
-        logp_NT, microbatch["old_logprobs"], microbatch["advantages"], mask_NT, clip=clip
+    old_NT, ref_NT, adv_N = (
+        microbatch[k].to(logp_NT.device) for k in ("old_logprobs", "ref_logprobs", "advantages")
     )
-    kl = grpo.kl_penalty(logp_NT, microbatch["ref_logprobs"], mask_NT, kl_kind)
+    policy, stats = grpo.policy_loss(logp_NT, old_NT, adv_N, mask_NT, clip=clip)
+    kl = grpo.kl_penalty(logp_NT, ref_NT, mask_NT, kl_kind)
     n = logp_NT.shape[0]
     total = (policy + kl_coef * kl) * n  # the schedule divides by the samples of the step
     count = torch.tensor(float(n), device=total.device)

@@ -167,6 +167,8 @@ def grpo_step(pair: NLAPair, vectors_BD: torch.Tensor, step: int, cfg: GRPOSetti
     # the AR: its supervised step on the same explanations
     ar_update, ar_loss = None, None
     if ar_mbs:
+        device = next(pair.ar.model.parameters()).device
+        ar_mbs = [{k: v.to(device) for k, v in mb.items()} for mb in ar_mbs]
         pair.ar.optimizer.zero_grad()
         ar_loss = forward_backward(
             pair.ar.model,
