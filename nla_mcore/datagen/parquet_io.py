@@ -89,11 +89,16 @@ def fsync_file(path: Path) -> None:
 
 def write_json_atomically(path: Path, data: Any) -> None:
     """`data` as indented JSON at `path`, via a temporary file and `os.replace`."""
+    write_text_atomically(path, json.dumps(data, indent=1, sort_keys=False) + "\n")
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """`text` at `path` (UTF-8), via a fsynced temporary file and `os.replace`: a reader sees
+    the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, sort_keys=False)
-            fh.write("\n")
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -70,13 +69,14 @@ def read_rows(path: Path, spec: str, d_model: int) -> list[Row]:
     from nla_mcore.datagen.parquet_io import TEXT_COLUMN, VECTOR_COLUMN, open_parquet, vectors_ND
     from nla_mcore.prompts import parse_explanation
 
-    schema = open_parquet(path, "parquet").schema_arrow
+    file = open_parquet(path, "parquet")
+    schema = file.schema_arrow
     if VECTOR_COLUMN not in schema.names:
         raise ValueError(
             f"{path} has no {VECTOR_COLUMN!r} column (it has: {', '.join(schema.names)})"
         )
     shown = [c for c in ("doc_id", TEXT_COLUMN, "explanation", "response") if c in schema.names]
-    total = pq_num_rows(path)
+    total = file.metadata.num_rows
     rows = parse_rows(spec, total)
     picked = ds.dataset(path, format="parquet").take(rows, columns=[VECTOR_COLUMN, *shown])
     vectors = vectors_ND(picked.column(VECTOR_COLUMN), d_model, str(path))
@@ -104,12 +104,6 @@ def read_rows(path: Path, spec: str, d_model: int) -> list[Row]:
         )
         for k, i in enumerate(rows)
     ]
-
-
-def pq_num_rows(path: Path) -> int:
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(path).metadata.num_rows
 
 
 def explain_rows(client, critic, rows: list[Row], args) -> tuple[list[dict], dict]:
@@ -267,15 +261,6 @@ def _model_facts(sidecar) -> dict:
     )
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def parser() -> argparse.ArgumentParser:
     class Formatter(argparse.RawDescriptionHelpFormatter):
         def _get_help_string(self, action):  # the default, where there is one to show
@@ -311,6 +296,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nla_mcore.datagen.parquet_io import write_text_atomically
     from nla_mcore.inference.client import NLAClient
     from nla_mcore.inference.critic import NLACritic
     from nla_mcore.sidecar import read_model_sidecar
@@ -343,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     md, jsonl = out.with_name(out.name + ".md"), out.with_name(out.name + ".jsonl")
-    write_atomically(md, markdown(records, stats, header))
-    write_atomically(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text_atomically(md, markdown(records, stats, header))
+    write_text_atomically(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     print(
         f"[explain] {summary_line(stats)}; {time.monotonic() - started:.1f} s\n"
         f"[explain] wrote {md} and {jsonl}"

@@ -126,17 +126,9 @@ def _grpo_loss(microbatch, local, temperature, clip, kl_coef, kl_kind, logits_NL
     old_NT, ref_NT, adv_N = (
         microbatch[k].to(logp_NT.device) for k in ("old_logprobs", "ref_logprobs", "advantages")
     )
-    policy, stats = grpo.policy_loss(logp_NT, old_NT, adv_N, mask_NT, clip=clip)
+    policy, _ = grpo.policy_loss(logp_NT, old_NT, adv_N, mask_NT, clip=clip)
     kl = grpo.kl_penalty(logp_NT, ref_NT, mask_NT, kl_kind)
     n = logp_NT.shape[0]
     total = (policy + kl_coef * kl) * n  # the schedule divides by the samples of the step
     count = torch.tensor(float(n), device=total.device)
-    return (
-        total,
-        count.to(torch.int),
-        {
-            LOSS_KEY: torch.stack([total.detach(), count]),
-            "grpo_kl": torch.stack([kl.detach() * n, count]),
-            "grpo_clip_fraction": torch.stack([stats["clip_fraction"] * n, count]),
-        },
-    )
+    return total, count.to(torch.int), {LOSS_KEY: torch.stack([total.detach(), count])}

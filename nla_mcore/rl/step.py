@@ -16,7 +16,7 @@ supported yet (refused).  Legend: B vectors, G samples per vector, N = B·G, T t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -71,7 +71,6 @@ class NLAPair:
     mse_scale: float | None
     stop_ids: tuple[int, ...]
     vocab_size: int
-    extra: dict = field(default_factory=dict)
 
 
 def grpo_step(pair: NLAPair, vectors_BD: torch.Tensor, step: int, cfg: GRPOSettings) -> dict:
@@ -136,6 +135,11 @@ def grpo_step(pair: NLAPair, vectors_BD: torch.Tensor, step: int, cfg: GRPOSetti
         health = dict(
             logprob_gap=float((live_NT - old_NT).abs()[mask_NT].mean()),
             kl=float(grpo.kl_penalty(old_NT, ref_NT, mask_NT, cfg.kl_kind)),
+            clip_fraction=float(
+                grpo.policy_loss(live_NT, old_NT, advantages_N, mask_NT, cfg.clip)[1][
+                    "clip_fraction"
+                ]
+            ),
         )
         for mb, a in zip(av_mbs, range(0, len(rewards_N), cfg.micro_batch_size), strict=True):
             rows_ = slice(a, a + len(mb["tokens"]))
